@@ -1,0 +1,1 @@
+"""Chapter 01 — Transformer from scratch (importable as ``ch01``)."""

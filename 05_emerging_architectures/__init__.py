@@ -1,0 +1,1 @@
+"""Chapter 05 — Emerging architectures (importable as ``ch05``)."""

@@ -1,0 +1,1 @@
+"""Chapter 06 — Quantization & sparsity (importable as ``ch06``)."""

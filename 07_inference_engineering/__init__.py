@@ -1,0 +1,1 @@
+"""Chapter 07 — Inference engineering (importable as ``ch07``)."""

@@ -1,0 +1,1 @@
+"""Chapter 08 — Systems & deployment (importable as ``ch08``)."""

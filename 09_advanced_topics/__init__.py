@@ -1,0 +1,1 @@
+"""Chapter 09 — Advanced topics (importable as ``ch09``)."""

@@ -1,0 +1,1 @@
+"""Chapter 10 — Capstone (importable as ``ch10``)."""
