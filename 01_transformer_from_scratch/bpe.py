@@ -176,6 +176,7 @@ def train_bpe(
     """Train byte-level BPE on a UTF-8 file. Vocab ids: special tokens, then the 256 bytes, then merges in order.
 
     ``num_processes > 1`` counts pre-tokens in parallel over chunks cut at the first special token's occurrences.
+    The vocabulary is smaller than ``vocab_size`` only if the text runs out of pairs to merge.
     """
     special_tokens = list(dict.fromkeys(special_tokens or []))
     n_base = len(special_tokens) + 256
