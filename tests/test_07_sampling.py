@@ -18,6 +18,15 @@ from ch07.sampling import GREEDY, Sampler, apply_min_p, apply_repetition_penalty
 NEG = float("-inf")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make small ops ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_greedy_is_argmax_and_one_hot():
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]])
     assert GREEDY(logits).tolist() == [1, 0]
