@@ -82,6 +82,9 @@ def chunk_boundaries(path: str | Path, n_chunks: int, split_token: bytes) -> lis
                 if hit >= 0:
                     bounds[i] = pos + hit
                     break
+                if len(block) < 1 << 16:  # reached the end without another special token
+                    bounds[i] = size
+                    break
                 pos += len(block) - len(split_token) + 1
                 f.seek(pos)
     return sorted(set(bounds))

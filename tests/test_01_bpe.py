@@ -15,6 +15,7 @@ from ch01.bpe import (
     GPT2_PATTERN,
     Tokenizer,
     bytes_to_unicode,
+    chunk_boundaries,
     count_pretokens,
     main,
     merge_pretokens,
@@ -133,6 +134,16 @@ def test_multiprocessing_gives_the_same_result(tmp_path):
     docs = [load_shakespeare()[i : i + 5000] for i in range(0, 60_000, 5000)]
     path.write_text(EOT.join(docs), encoding="utf-8")
     assert train_bpe(path, 400, [EOT], num_processes=2) == train_bpe(path, 400, [EOT])
+
+
+@pytest.mark.timeout(60)
+def test_multiprocessing_with_few_special_tokens(tmp_path):
+    path = tmp_path / "one_special.txt"
+    text = load_shakespeare()[:20_000]
+    path.write_text(text[:12_000] + EOT + text[12_000:], encoding="utf-8")  # ASCII: chars == bytes
+    # cuts start at 1/4, 2/4, 3/4 of the file and move forward to the next special token (or the end)
+    assert chunk_boundaries(path, 4, EOT.encode()) == [0, 12_000, path.stat().st_size]
+    assert train_bpe(path, 320, [EOT], num_processes=4) == train_bpe(path, 320, [EOT])
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, trained):
