@@ -88,12 +88,14 @@ class StaticKVCache:
 
 
 def left_pad(prompts: torch.Tensor | Sequence, pad_id: int = 0, device: torch.device | str = "cpu"):
-    """Prompts (a (B, T) / (T,) tensor or a list of id sequences) -> (ids (B, Tmax), key_padding_mask (B, Tmax) | None).
+    """Prompts (a (B, T) / (T,) tensor, one list of ids, or a list of id sequences) -> (ids (B, Tmax), key_padding_mask (B, Tmax) | None).
 
     The mask is None when all prompts have the same length (the common fast path: plain causal attention)."""
     if isinstance(prompts, torch.Tensor):
         ids = prompts.view(1, -1) if prompts.dim() == 1 else prompts
         return ids.long().to(device), None
+    if len(prompts) and isinstance(prompts[0], int):  # one prompt given as a list of ids
+        prompts = [prompts]
     rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")

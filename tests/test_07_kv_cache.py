@@ -54,6 +54,7 @@ def test_batched_different_lengths_equals_each_alone(model):
     assert torch.equal(batched, batched_nocache)
     for i, p in enumerate(prompts):
         assert torch.equal(batched[i], generate(model, p, 25)[0]), f"row {i}"
+        assert torch.equal(batched[i], generate(model, p.tolist(), 25)[0])  # a plain list of ids is one prompt
 
 
 def test_sampling_with_seed_is_reproducible_and_cache_independent(model):
