@@ -1,0 +1,238 @@
+"""Chapter 08 server: a real uvicorn server on 127.0.0.1 driven by the official openai client and raw httpx.
+
+References: outputs are compared with ch01's ``GPT.generate`` (no cache, one sequence at a time).
+"""
+
+import asyncio
+import json
+import re
+
+import httpx
+import openai
+import pytest
+import torch
+
+from ch01.model import GPT, GPTConfig
+from ch01.pretrained import pretrained_char_model
+from ch08.engine import Engine, TorchBackend
+from ch08.serve_thread import ServerThread
+from ch08.server import build_state, load_model
+
+MODEL = "tiny-test"
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """ch01's tiny char model, re-saved with a longer context (RoPE has no position weights) as a GPT.save dir."""
+    model, tok, _ = pretrained_char_model("tiny", 200, verbose=False)
+    long = GPT(GPTConfig.from_dict({**model.config.to_dict(), "block_size": 512})).eval()
+    long.load_state_dict(model.state_dict())
+    d = tmp_path_factory.mktemp("ckpt") / MODEL
+    long.save(d)
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    model, tok, name = load_model(str(checkpoint))
+    assert name == MODEL
+    state = build_state(model, tok, name, max_batch=MAX_BATCH, shutdown_timeout=2.0)
+    with ServerThread(state) as url:
+        yield {"url": url, "model": model, "tok": tok, "state": state}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(server, prompt: str, n: int) -> str:
+    tok, model = server["tok"], server["model"]
+    out = model.generate(torch.tensor([tok.encode(prompt)]), n, temperature=0.0)
+    return tok.decode(out[0, len(prompt) :].tolist())
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_engine_batched_decode_equals_single_sequence_generate():
+    """Sequences of different lengths decoded together (left padding + RoPE re-rotation) == each alone, greedy."""
+    model, tok, _ = pretrained_char_model("tiny", 200, verbose=False)
+    prompts = ["ROMEO:", "First Citizen:\nBefore", "O", "KING RICHARD III:\nNow is"]
+    engine = Engine(model, TorchBackend(model), max_slots=4)
+    slots = [engine.alloc() for _ in prompts]
+    nxt = [int(engine.prefill(s, tok.encode(p)).argmax()) for s, p in zip(slots, prompts)]
+    outs = [[t] for t in nxt]
+    for _ in range(20):
+        nxt = engine.decode(slots, nxt).argmax(-1).tolist()
+        for o, t in zip(outs, nxt):
+            o.append(t)
+    for p, o in zip(prompts, outs):
+        ref = model.generate(torch.tensor([tok.encode(p)]), 21, temperature=0.0)[0, len(p) :].tolist()
+        assert o == ref, p
+
+
+def test_models_health_and_completion_matches_reference(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server["url"] + "/health").json()
+    assert health["status"] == "ok" and health["free_slots"] == MAX_BATCH
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=24, temperature=0)
+    assert r.choices[0].text == reference(server, "ROMEO:", 24)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (6, 24, 30)
+
+
+def test_streaming_equals_non_streaming(server, client):
+    kw = dict(model=MODEL, prompt="JULIET:\n", max_tokens=20, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 20
+    msgs = [{"role": "system", "content": "Speak."}, {"role": "user", "content": "Who goes there?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=30, temperature=0, stop=["zzz"])
+    stream = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=30, temperature=0, stop=["zzz"], stream=True
+    )
+    parts = list(stream)
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+    assert chat.choices[0].message.content == reference(
+        server, "SYSTEM:\nSpeak.\n\nUSER:\nWho goes there?\n\nASSISTANT:\n", 30
+    )
+
+
+def test_stop_and_seeded_sampling(server, client):
+    text = reference(server, "ROMEO:", 30)
+    stop = text[10:13]
+    cut = text.find(stop)
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=30, temperature=0, stop=[stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text[:cut], "stop")
+    kw = dict(model=MODEL, prompt="The ", max_tokens=40, temperature=1.0, top_p=0.9)
+    a, b = (client.completions.create(**kw, seed=7).choices[0].text for _ in range(2))
+    assert a == b and len(a) == 40
+    others = {client.completions.create(**kw, seed=s).choices[0].text for s in range(8, 12)}
+    assert len(others | {a}) > 1  # different seeds do sample
+
+
+def test_malformed_requests_get_openai_errors_and_server_keeps_serving(server):
+    url = server["url"]
+    ok = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+    cases = [
+        ("post", "/v1/completions", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "max_tokens": "four"}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "max_tokens": -3}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "max_tokens": 10**9}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "max_tokens": 511}}, 400),  # prompt + max_tokens > context
+        ("post", "/v1/completions", {"json": {**ok, "prompt": "x" * 600}}, 400),  # prompt > context
+        ("post", "/v1/completions", {"json": {**ok, "model": "gpt-17"}}, 404),
+        ("post", "/v1/completions", {"json": {**ok, "temperature": 9}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "n": 2}}, 400),
+        ("post", "/v1/completions", {"json": {"model": MODEL}}, 400),  # missing prompt
+        ("post", "/v1/completions", {"json": {**ok, "prompt": "emoji \U0001f600"}}, 400),  # not in the vocabulary
+        ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": []}}, 400),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}},
+            400,
+        ),
+        ("post", "/v1/completions", {"json": [1, 2, 3]}, 400),
+        ("get", "/v1/completions", {}, 405),
+        ("get", "/v1/nothing-here", {}, 404),
+    ]
+    for method, path, kw, status in cases:
+        r = getattr(httpx, method)(url + path, **kw)
+        assert r.status_code == status, (path, kw, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"], r.text
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+    r = httpx.post(url + "/v1/completions", json={**ok, "max_tokens": 511})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.post(url + "/v1/completions", json=ok).status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_independent(server):
+    prompts = [
+        f"{name}:\n"
+        for name in [
+            "ROMEO",
+            "JULIET",
+            "HAMLET",
+            "First Citizen",
+            "MENENIUS",
+            "KING",
+            "QUEEN",
+            "LEAR",
+            "BRUTUS",
+            "CAESAR",
+            "All",
+            "Nurse",
+            "Second Citizen",
+            "CORIOLANUS",
+            "GLOUCESTER",
+            "PROSPERO",
+        ]
+    ]
+    lengths = [12 + 3 * (i % 5) for i in range(len(prompts))]
+    steps_before = metric(server["url"], "llm_batch_size_count")
+    seqs_before = metric(server["url"], "llm_batch_size_sum")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            rs = await asyncio.gather(
+                *(
+                    c.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0})
+                    for p, n in zip(prompts, lengths)
+                )
+            )
+        return [r.json() for r in rs]
+
+    results = asyncio.run(run())
+    for p, n, r in zip(prompts, lengths, results):
+        assert r["choices"][0]["text"] == reference(server, p, n), p
+    steps = metric(server["url"], "llm_batch_size_count") - steps_before
+    seqs = metric(server["url"], "llm_batch_size_sum") - seqs_before
+    assert seqs / steps > 2  # decode steps really ran several sequences together
+
+
+def test_disconnect_mid_stream_frees_the_slot_and_metrics_move(server):
+    url = server["url"]
+    cancelled_before = metric(url, "llm_requests_cancelled_total")
+    ok_before = metric(url, 'llm_requests_total{endpoint="/v1/completions",status="200"}')
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        first = []
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                first.append(json.loads(line[6:]))
+            if len(first) == 3:
+                break
+    assert all(c["object"] == "text_completion" for c in first)
+    for _ in range(200):  # the scheduler notices the cancellation at its next step
+        h = httpx.get(url + "/health").json()
+        if h["running"] == 0 and h["free_slots"] == MAX_BATCH:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert (h["running"], h["free_slots"]) == (0, MAX_BATCH)
+    assert metric(url, "llm_requests_cancelled_total") == cancelled_before + 1
+    httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 2})
+    assert metric(url, 'llm_requests_total{endpoint="/v1/completions",status="200"}') == ok_before + 1
+    assert (
+        metric(url, "llm_generation_tokens_total") > 0
+        and "llm_time_to_first_token_seconds_count" in httpx.get(url + "/metrics").text
+    )
+
+
+def test_api_key_required_when_configured(checkpoint):
+    model, tok, name = load_model(str(checkpoint))
+    with ServerThread(build_state(model, tok, name, max_batch=2, api_key="s3cret", shutdown_timeout=1.0)) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "A", "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert len(c.completions.create(model=name, prompt="A", max_tokens=3).choices[0].text) == 3
+        assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
