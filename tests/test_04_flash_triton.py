@@ -1,0 +1,108 @@
+"""ch04.flash_triton: the Triton FlashAttention-2 kernels vs torch SDPA, forward and backward.
+
+Without a GPU the kernels run in Triton's interpreter (ch04.flash_triton sets TRITON_INTERPRET=1 before defining them),
+so the shapes here are small. The reference is SDPA in float64 on the same inputs; for fp16/bf16 our error must be within
+a small factor of SDPA's own error in that dtype.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ch04 import flash_triton as ft
+
+DEVICE = "cuda" if not ft.INTERPRET else "cpu"
+
+
+def _grads(fn, q, k, v, g):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+
+def _errors(dtype, N, D, causal, blocks=None, B=1, H=2, N_k=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    N_k = N if N_k is None else N_k
+    q = torch.randn(B, H, N, D, generator=gen)
+    k, v = (torch.randn(B, H, N_k, D, generator=gen) for _ in range(2))
+    g = torch.randn(B, H, N, D, generator=gen)
+    low = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    ours = _grads(lambda a, b, c: ft.flash_attention(a, b, c, causal, blocks=blocks), *low, g.to(DEVICE, dtype))
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    exact = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), *ref_in, g.double())
+    sdpa_low = _grads(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal),
+        *[x.detach().cpu().requires_grad_() for x in low],
+        g.to(dtype),
+    )
+    ours_err = [(a.double().cpu() - e).abs().max().item() for a, e in zip(ours, exact)]
+    sdpa_err = [(a.double() - e).abs().max().item() for a, e in zip(sdpa_low, exact)]
+    return ours_err, sdpa_err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("N,D", [(64, 16), (45, 32)])  # 45: ragged tail, masked rows and keys
+def test_fp32_forward_backward_matches_sdpa(causal, N, D):
+    ours, _ = _errors(torch.float32, N, D, causal)
+    assert max(ours) < 1e-5, ours  # out, dq, dk, dv
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+def test_unequal_tiles_causal(blocks):
+    """BLOCK_M != BLOCK_N exercises the causal loop bounds (the dK/dV kernel's first query block, the last key block)."""
+    ours, _ = _errors(torch.float32, 70, 16, True, blocks=blocks)
+    assert max(ours) < 1e-5, ours
+
+
+@pytest.mark.timeout(300)
+def test_non_power_of_two_head_dim_and_cross_attention_lengths():
+    ours, _ = _errors(torch.float32, 33, 24, False, N_k=50)  # D=24 padded to 32 and masked; N_q != N_k
+    assert max(ours) < 1e-5, ours
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_close_to_sdpa_error(dtype):
+    ours, sdpa = _errors(dtype, 40, 32, True)
+    for o, s in zip(ours, sdpa):
+        assert o <= 4 * s + 1e-3, (ours, sdpa)
+
+
+def test_lse_and_output_in_input_dtype():
+    q = torch.randn(1, 1, 20, 16, device=DEVICE, dtype=torch.float16)
+    out = ft.flash_attention(q, q, q, causal=True)
+    assert out.dtype == torch.float16 and out.shape == q.shape
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 1, 8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        ft.flash_attention(q, q, q)
+    q = torch.randn(1, 1, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="causal"):
+        ft.flash_attention(q, torch.randn(1, 1, 9, 16, device=DEVICE), torch.randn(1, 1, 9, 16, device=DEVICE), True)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        ft.flash_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="powers of two"):
+        ft.flash_attention(q, q, q, blocks=(24, 16))
+
+
+def test_registered_with_ch01_and_mask_falls_back_to_sdpa():
+    from ch01.model import get_attention
+
+    fn = get_attention("flash_triton")
+    q, k, v = (torch.randn(1, 2, 10, 16, device=DEVICE) for _ in range(3))
+    mask = torch.rand(1, 1, 10, 10, device=DEVICE) > 0.3
+    mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(fn(q, k, v, causal=False, attn_mask=mask), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_script_main_meets_acceptance():
+    res = ft.main([])
+    assert res["rows"] and all(r["ok"] for r in res["rows"])
+    assert max(max(r["out"], r["dq"], r["dk"], r["dv"]) for r in res["rows"]) <= 1e-4
+    assert any(r["N"] % 16 for r in res["rows"]) and {r["causal"] for r in res["rows"]} == {True, False}
