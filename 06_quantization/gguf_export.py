@@ -1,0 +1,266 @@
+"""Export the mini-GPT to GGUF — the single-file format llama.cpp (and Ollama, LM Studio, llama-cpp-python) runs — in
+F32, F16, Q8_0 or Q4_0, with our own Q8_0 / Q4_0 block quantizers (bit-identical to ``gguf.quants.quantize``).
+
+    python 06_quantization/gguf_export.py                        # small model -> .cache/gguf/*.gguf (all four types)
+    python 06_quantization/gguf_export.py --qtype q8_0 --out model.gguf
+
+What goes into the file (see README): a header, key/value metadata (architecture "llama", context/embedding length,
+block count, FFN length, head counts, RMS eps, RoPE base, the tokenizer's tokens/scores/types), tensor infos, then the
+aligned tensor data under llama.cpp's names (``token_embd``, ``blk.N.attn_q`` …, ``output``). Two details matter:
+- RoPE layout: our model (like HF) rotates the pairs (i, i + D/2); llama.cpp's ``llama`` architecture rotates adjacent
+  pairs (2i, 2i + 1). Permuting the rows of W_q and W_k inside every head (the permutation HF's converter applies)
+  makes the two equivalent, since q·k is unchanged by applying the same permutation to both.
+- Block quantization: Q8_0 = 32 weights as one fp16 scale d = max|x|/127 + 32 int8 (34 bytes, 8.5 bits/weight);
+  Q4_0 = one fp16 scale d = x_absmax_signed / −8 + 32 4-bit codes q = x/d + 8 (18 bytes, 4.5 bits/weight).
+References: GGUF spec (github.com/ggml-org/ggml/blob/master/docs/gguf.md); llama.cpp convert_hf_to_gguf.py, ggml-quants.c.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ch01.char_tokenizer import CharTokenizer
+from ch01.model import GPT
+
+QK = 32  # weights per block for Q8_0 and Q4_0
+QTYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+}
+
+
+# ------------------------------------------------------------------------------------------ our block quantizers
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] % QK:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of the block size {QK}")
+    return x.detach().to(torch.float32).reshape(-1, QK)  # (n_blocks, 32)
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero) written the way ggml's reference does it, exactly in float32."""
+    a = v.abs()
+    fl = a.floor()
+    return v.sign() * (fl + (2 * (a - fl)).floor())
+
+
+def quantize_q8_0(x: torch.Tensor) -> np.ndarray:
+    """x (rows, cols) -> uint8 (rows, cols/32·34): per block [fp16 d][32 × int8 q], d = max|x| / 127, q = round(x/d)."""
+    blocks = _blocks(x)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (n, 1) float32
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    qs = _round_half_away(blocks * inv).to(torch.int8).view(torch.uint8)  # (n, 32)
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), qs], dim=1)  # (n, 34)
+    return out.reshape(*x.shape[:-1], -1).numpy()
+
+
+def quantize_q4_0(x: torch.Tensor) -> np.ndarray:
+    """x (rows, cols) -> uint8 (rows, cols/32·18): per block [fp16 d][16 bytes], d = (signed absmax) / −8,
+    q = trunc(x/d + 8.5) ∈ [0, 15]; byte j holds q[j] in its low nibble and q[j + 16] in its high nibble."""
+    blocks = _blocks(x)
+    imax = blocks.abs().argmax(dim=1, keepdim=True)  # first index on ties, like numpy
+    d = blocks.gather(1, imax) / -8  # (n, 1): the extreme value maps to code 0, so -8·d = max
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    qs = torch.trunc(blocks * inv + 8.5).to(torch.uint8).clamp(max=15)  # (n, 32)
+    packed = qs[:, : QK // 2] | (qs[:, QK // 2 :] << 4)  # (n, 16)
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), packed], dim=1)  # (n, 18)
+    return out.reshape(*x.shape[:-1], -1).numpy()
+
+
+def dequantize_q8_0(data: np.ndarray, shape) -> torch.Tensor:
+    b = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 34)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
+    return (b[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
+
+
+def dequantize_q4_0(data: np.ndarray, shape) -> torch.Tensor:
+    b = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 18)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
+    q = torch.cat([b[:, 2:] & 0x0F, b[:, 2:] >> 4], dim=1).float()  # (n, 32)
+    return ((q - 8) * d).reshape(shape)
+
+
+QUANTIZERS = {"q8_0": (quantize_q8_0, dequantize_q8_0), "q4_0": (quantize_q4_0, dequantize_q4_0)}
+
+
+# ---------------------------------------------------------------------------------------------- tensors + metadata
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of W_q / W_k from rotate-half order (i, i + D/2) to llama.cpp's interleaved order (2i, 2i + 1), per head."""
+    out_f = w.shape[0]
+    return w.reshape(n_head, 2, out_f // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: GPT) -> list[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, fp32 tensor) pairs in file order, q/k already permuted for llama.cpp's RoPE."""
+    cfg = model.config
+    if cfg.pos_emb != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
+        raise ValueError("GGUF 'llama' export needs the Llama-style config (rope, rmsnorm, swiglu)")
+    names = gguf.TENSOR_NAMES
+    T = gguf.MODEL_TENSOR
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = [(names[T.TOKEN_EMBD] + ".weight", sd["tok_emb.weight"])]
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        pairs = [
+            (T.ATTN_NORM, "attn_norm.weight"),
+            (T.ATTN_Q, "attn.wq.weight"),
+            (T.ATTN_K, "attn.wk.weight"),
+            (T.ATTN_V, "attn.wv.weight"),
+            (T.ATTN_OUT, "attn.wo.weight"),
+            (T.FFN_NORM, "mlp_norm.weight"),
+            (T.FFN_GATE, "mlp.w1.weight"),
+            (T.FFN_UP, "mlp.w3.weight"),
+            (T.FFN_DOWN, "mlp.w2.weight"),
+        ]
+        for kind, ours in pairs:
+            w = sd[p + ours]
+            if kind == T.ATTN_Q:
+                w = permute_rope(w, cfg.n_head)
+            elif kind == T.ATTN_K:
+                w = permute_rope(w, cfg.n_kv_head)
+            out.append((names[kind].format(bid=i) + ".weight", w))
+    out.append((names[T.OUTPUT_NORM] + ".weight", sd["norm.weight"]))
+    if not cfg.tie_weights:  # without output.weight llama.cpp reuses token_embd (tied embeddings)
+        out.append((names[T.OUTPUT] + ".weight", sd["lm_head.weight"]))
+    return out
+
+
+def tensor_qtype(name: str, w: torch.Tensor, qtype: str) -> str:
+    """The storage type of one tensor: norms (1-D) stay F32 as llama.cpp requires; rows not a multiple of 32 -> F16."""
+    if w.ndim == 1 or qtype == "f32":
+        return "f32"
+    if qtype in QUANTIZERS and w.shape[-1] % QK:
+        return "f16"
+    return qtype
+
+
+def encode_tensor(w: torch.Tensor, qtype: str) -> np.ndarray:
+    if qtype == "f32":
+        return w.numpy().astype(np.float32)
+    if qtype == "f16":
+        return w.numpy().astype(np.float16)
+    return QUANTIZERS[qtype][0](w)
+
+
+def rwkv_escape(piece: str) -> str:
+    """llama.cpp's "rwkv" vocab unescapes backslash sequences; a literal backslash must be written as two."""
+    return piece.replace("\\", "\\\\")
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tok: CharTokenizer, vocab_size: int) -> None:
+    """The char vocab as llama.cpp vocab type "rwkv": tokenizing = greedy longest match of literal token strings
+    (here: one character each), detokenizing = concatenation, and — unlike the "llama" (SPM) and "gpt2" (BPE) types,
+    which default BOS/EOS to ids 1/2 or 11, real characters in a 65-token vocab ('!' would end every generation) —
+    no special tokens at all, which is what a char-level model trained without BOS/EOS needs."""
+    if not isinstance(tok, CharTokenizer):
+        raise TypeError("gguf_export writes char-level vocabularies (ch01.char_tokenizer.CharTokenizer)")
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list([rwkv_escape(c) for c in tok.chars])
+    writer.add_token_scores([0.0] * vocab_size)
+    writer.add_token_types([gguf.TokenType.NORMAL] * vocab_size)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def export_gguf(model: GPT, tok: CharTokenizer, path: str | Path, qtype: str = "f32", name: str = "mini-gpt") -> Path:
+    """Write ``model`` + ``tok`` as a llama.cpp-loadable GGUF file; returns the path."""
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype={qtype!r}; choose one of {', '.join(QTYPES)}")
+    cfg, path = model.config, Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[qtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.ffn_hidden)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    add_tokenizer(writer, tok, cfg.vocab_size)
+    for tname, w in gguf_tensors(model):
+        t = tensor_qtype(tname, w, qtype)
+        writer.add_tensor(tname, encode_tensor(w, t), raw_dtype=QTYPES[t] if t in QUANTIZERS else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@torch.no_grad()
+def gguf_roundtrip_model(model: GPT, qtype: str) -> GPT:
+    """A copy of ``model`` whose weights went through exactly the storage type each gets in the GGUF file — what
+    llama.cpp computes with — so its val loss is the file's val loss (activations stay fp32 here).
+
+    The q/k row permutation can be ignored: blocks run along a row (the input dimension) and the permutation only
+    reorders whole rows, so quantizing then permuting equals permuting then quantizing.
+    """
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, w in out.state_dict().items():
+        t = tensor_qtype(name, w, qtype)
+        if t == "f16":
+            w.copy_(w.half().float())
+        elif t in QUANTIZERS:
+            quant, dequant = QUANTIZERS[t]
+            w.copy_(dequant(quant(w.float()), w.shape))
+    return out
+
+
+def main(argv=None):
+    from ch01.pretrained import pretrained_char_model, val_loss
+    from common.bench import markdown_table
+    from common.cli import base_parser
+    from common.data import cache_dir
+
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--qtype", nargs="*", default=list(QTYPES), choices=list(QTYPES))
+    args = p.parse_args(argv)
+    model, tok, (_, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    out_dir = Path(args.out) if args.out else cache_dir("gguf")
+    base = val_loss(model, val_ids)
+    rows = []
+    for qt in args.qtype:
+        path = export_gguf(model, tok, out_dir / f"{args.preset}-{qt}.gguf", qt)
+        loss = val_loss(gguf_roundtrip_model(model, qt), val_ids)
+        rows.append(
+            {
+                "qtype": qt,
+                "file": str(path),
+                "MB": path.stat().st_size / 1e6,
+                "val_loss": loss,
+                "delta_%": 100 * (loss / base - 1),
+            }
+        )
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
