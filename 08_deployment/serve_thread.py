@@ -1,4 +1,4 @@
-"""Run the server in a background thread on a free loopback port (tests and bench_server.py use it).
+"""Run the server on a free loopback port: in a background thread (tests) or a subprocess (bench_server.py).
 
 with ServerThread(state) as url:          # url = "http://127.0.0.1:PORT"
     httpx.get(url + "/health")
@@ -6,9 +6,13 @@ with ServerThread(state) as url:          # url = "http://127.0.0.1:PORT"
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -51,3 +55,54 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=self.state.shutdown_timeout + 10)
+
+
+class ServerProcess:
+    """``python 08_deployment/server.py ARGS --port P`` in a subprocess (own interpreter, so load-generating clients
+    do not share the server's GIL); waits for /health, stops with SIGINT (uvicorn's graceful shutdown)."""
+
+    def __init__(self, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 300.0):
+        self.host, self.port = host, free_port()
+        self.cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("server.py")),
+            *args,
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode}: {' '.join(self.cmd)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"server did not answer /health within {self.startup_timeout:.0f} s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
