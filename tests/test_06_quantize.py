@@ -130,3 +130,41 @@ def test_bad_input_messages():
         QuantLinear(8, 8, bits=5, group_size=None)
     with pytest.raises(ValueError, match="method"):
         quantize_model(nn.Linear(2, 2), "awq", 4)
+
+
+# ------------------------------------------------------------------------------------------------------ pruning
+def test_pruning_masks_exact():
+    from ch06.prune import is_n_m_sparse, magnitude_mask, n_m_mask, row_mask
+
+    w = torch.randn(32, 64)
+    w[0, :10] = 0.5  # ties
+    for s in (0.25, 0.5, 0.7):
+        assert int((~magnitude_mask(w, s)).sum()) == int(w.numel() * s)
+        assert ((~row_mask(w.abs(), s)).sum(1) == int(64 * s)).all()  # Wanda: same sparsity in every row
+    m = magnitude_mask(w, 0.5)
+    assert w[m].abs().min() >= w[~m].abs().max()  # kept weights are the largest
+    mask = n_m_mask(w.abs())
+    assert is_n_m_sparse(w * mask) and (mask.reshape(32, 16, 4).sum(-1) == 2).all()
+    a, mk = w.abs().reshape(32, 16, 4), mask.reshape(32, 16, 4)
+    kept_min = torch.where(mk, a, torch.inf).amin(-1)
+    dropped_max = torch.where(~mk, a, -torch.inf).amax(-1)
+    assert (kept_min >= dropped_max).all()  # in each group of 4 the two largest survive
+
+
+def test_prune_model_sparsity_counted_and_wanda_uses_activations(tiny):
+    from ch06.prune import is_n_m_sparse, prune_model, sparsity_of
+
+    model, train_ids, _ = tiny
+    calib = calibration_windows(train_ids, 16, model.config.block_size)
+    assert sparsity_of(model) == 0
+    mag = prune_model(model, "magnitude", 0.5)
+    wanda = prune_model(model, "wanda", 0.5, calib_ids=calib)
+    assert sparsity_of(mag) == pytest.approx(0.5, abs=1e-3) and sparsity_of(wanda) == pytest.approx(0.5, abs=1e-3)
+    w_mag, w_wanda = mag.blocks[0].attn.wq.weight, wanda.blocks[0].attn.wq.weight
+    assert not torch.equal(w_mag == 0, w_wanda == 0)  # the activation norms change which weights go
+    two_four = prune_model(model, "wanda", 0.5, "2:4", calib_ids=calib)
+    assert all(
+        is_n_m_sparse(m.weight) for m in two_four.modules() if isinstance(m, nn.Linear) and m is not two_four.lm_head
+    )
+    with pytest.raises(ValueError, match="calib"):
+        prune_model(model, "wanda", 0.5)
