@@ -15,6 +15,7 @@ from ch08.export_onnx import (
     ort_val_loss,
     quantize_int8,
 )
+from ch08.triton_server.prepare_repo import REPO, model_config_pb2, parse_config, render_configs
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,125 @@ def test_server_onnxruntime_backend_matches_torch(tiny, decode_path):
             text = c.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0).choices[0].text
             ref = model.generate(torch.tensor([tok.encode(prompt)]), 30, temperature=0.0)[0, len(prompt) :]
             assert text == tok.decode(ref.tolist())
+
+
+# ------------------------------------------------------------------------------------- Triton Inference Server repo
+ORT_TO_TRITON = {"tensor(int64)": "TYPE_INT64", "tensor(float)": "TYPE_FP32"}
+
+
+def check_config_against_onnx(config, sess, batch_axis_implicit: bool):
+    pb2 = model_config_pb2()
+    for declared, actual in [(config.input, sess.get_inputs()), (config.output, sess.get_outputs())]:
+        assert [t.name for t in declared] == [a.name for a in actual]
+        for t, a in zip(declared, actual):
+            assert pb2.DataType.Name(t.data_type) == ORT_TO_TRITON[a.type], t.name
+            onnx_dims = [d if isinstance(d, int) else -1 for d in a.shape]  # symbolic axes -> -1
+            assert ([-1] if batch_axis_implicit else []) + list(t.dims) == onnx_dims, t.name
+
+
+def test_triton_configs_parse_and_match_the_onnx_graph(tiny, decode_path):
+    from ch01.model import GPTConfig
+
+    committed = {d.name: (d / "config.pbtxt").read_text() for d in REPO.iterdir() if (d / "config.pbtxt").exists()}
+    assert committed == render_configs(GPTConfig.preset("small", vocab_size=65))  # the repo = small char model
+    for name, text in committed.items():
+        config = parse_config(text)  # raises on any unknown field / bad syntax
+        assert config.name == name
+    assert parse_config(committed["mini_gpt_onnx"]).dynamic_batching.max_queue_delay_microseconds > 0
+    generate = parse_config(committed["mini_gpt_generate"])
+    assert generate.backend == "python" and generate.parameters["decode_model"].string_value == "mini_gpt_decode"
+    decode = parse_config(render_configs(tiny[0].config)["mini_gpt_decode"])
+    check_config_against_onnx(decode, ort_session(decode_path), batch_axis_implicit=decode.max_batch_size > 0)
+
+
+class FakeTritonUtils:
+    """Just enough of ``triton_python_backend_utils`` to run model.py: BLS calls go to an onnxruntime session."""
+
+    def __init__(self, sessions):
+        sessions_ = sessions
+
+        class Tensor:
+            def __init__(self, name, array):
+                self._name, self._array = name, np.asarray(array)
+
+            def name(self):
+                return self._name
+
+            def as_numpy(self):
+                return self._array
+
+        class Response:
+            def __init__(self, output_tensors=(), error=None):
+                self.output_tensors, self.error_ = list(output_tensors), error
+
+            def has_error(self):
+                return self.error_ is not None
+
+            def error(self):
+                return self.error_
+
+        class InferenceRequest:
+            def __init__(self, model_name, inputs, requested_output_names):
+                self.model_name, self.inputs, self.outputs = model_name, inputs, requested_output_names
+
+            def exec(self):
+                sess = sessions_[self.model_name]
+                out = sess.run(self.outputs, {t.name(): t.as_numpy() for t in self.inputs})
+                return Response([Tensor(n, o) for n, o in zip(self.outputs, out)])
+
+        class TritonError:
+            def __init__(self, msg):
+                self.msg = msg
+
+            def message(self):
+                return self.msg
+
+        self.Tensor, self.InferenceRequest, self.InferenceResponse = Tensor, InferenceRequest, Response
+        self.TritonError, self.TritonModelException = TritonError, RuntimeError
+        self.get_output_tensor_by_name = lambda r, n: next(t for t in r.output_tensors if t.name() == n)
+        self.get_input_tensor_by_name = lambda r, n: r.inputs.get(n)
+
+
+def test_triton_python_backend_generates_like_torch(tiny, decode_path, tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import shutil
+    import types
+
+    model, tok, _ = tiny
+    gen_dir = tmp_path / "mini_gpt_generate" / "1"
+    gen_dir.mkdir(parents=True)
+    shutil.copy(REPO / "mini_gpt_generate" / "1" / "model.py", gen_dir / "model.py")
+    tok.save(gen_dir / "tokenizer.json")
+    cfg = model.config
+    (gen_dir / "model_config.json").write_text(
+        json.dumps(
+            {"n_layer": cfg.n_layer, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim, "block_size": cfg.block_size}
+        )
+    )
+    fake = FakeTritonUtils({"mini_gpt_decode": ort_session(decode_path)})
+    monkeypatch.setitem(__import__("sys").modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("triton_generate_model", gen_dir / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    backend = module.TritonPythonModel()
+    config = parse_config(render_configs(cfg)["mini_gpt_generate"])
+    from google.protobuf import json_format
+
+    backend.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True)})
+    requests = [
+        types.SimpleNamespace(
+            inputs={
+                "prompt": fake.Tensor("prompt", np.array([b"ROMEO:"], dtype=object)),
+                "max_tokens": fake.Tensor("max_tokens", np.array([30], np.int32)),
+            }
+        ),
+        types.SimpleNamespace(
+            inputs={"prompt": fake.Tensor("prompt", np.array(["\u00e9t\u00e9".encode()], dtype=object))}
+        ),
+    ]
+    ok, bad = backend.execute(requests)
+    text = fake.get_output_tensor_by_name(ok, "text").as_numpy()[0].decode()
+    ref = model.generate(torch.tensor([tok.encode("ROMEO:")]), 30, temperature=0.0)[0, 6:]
+    assert text == tok.decode(ref.tolist())
+    assert bad.has_error() and "vocabulary" in bad.error().message()
