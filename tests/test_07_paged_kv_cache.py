@@ -135,3 +135,12 @@ def test_errors(model):
         paged_forward(model, cache, {"zz": [1]})
     with pytest.raises(ValueError):
         PagedKVCache(model.config, num_blocks=0)
+
+
+@pytest.mark.timeout(120)
+def test_continuous_batching_demo_equals_solo_decoding():
+    from ch07.paged_kv_cache import main
+
+    result = main(["--requests", "5", "--max-batch", "3", "--num-blocks", "24"])
+    assert result["== solo greedy"] is True
+    assert result["peak KV MiB (paged)"] <= result["KV MiB (static, max_batch x longest)"]

@@ -1,0 +1,151 @@
+"""Decode speed side by side: no cache vs static KV cache vs compiled decode step vs Hugging Face ``generate`` (same
+weights) vs speculative decoding (k = 2, 4, 6) vs MLX — greedy, one prompt, tokens/s at several output lengths.
+
+    python 07_inference_engineering/bench_decode.py                      # 64-token prompt, 512 new tokens (minutes)
+    python 07_inference_engineering/bench_decode.py --new-tokens 128 256 512 --threads 1
+
+Every row decodes the same prompt greedily with the chapter's target model (6 layers × 256, block 640; trained and
+cached on first use by ch07.models) and reports whether its tokens equal the static-cache output. The plot shows
+tokens/s against the number of generated tokens: without a cache the per-token cost grows with the sequence.
+References: Pope et al. 2022; Leviathan et al. 2023; gpt-fast; MLX.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ch07.kv_cache import generate
+from ch07.models import decode_models
+from ch07.speculative import speculative_generate
+from common.bench import hardware_info, markdown_table
+from common.cli import base_parser
+from common.plot import assets_dir, line_plot
+
+
+def timed(fn, repeats: int):
+    """(median seconds, last output) over ``repeats`` runs."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def methods(target, draft, prompt, args):
+    """name -> fn(n_new) returning (new ids (1, n) as a list, extra info dict)."""
+    out = {
+        "no cache": lambda n: (generate(target, prompt, n, use_cache=False)[0].tolist(), {}),
+        "static cache": lambda n: (generate(target, prompt, n)[0].tolist(), {}),
+    }
+    if args.compile:
+        out["static cache + torch.compile"] = lambda n: (generate(target, prompt, n, compile_step=True)[0].tolist(), {})
+    if args.hf:
+        from ch01.hf_interop import to_hf
+
+        hf = to_hf(target)
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+
+        def hf_generate(n):
+            with torch.no_grad():
+                ids = hf.generate(prompt.view(1, -1), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return ids[0, len(prompt) :].tolist(), {}
+
+        out["HF LlamaForCausalLM.generate"] = hf_generate
+    for k in args.k:
+
+        def spec(n, k=k):
+            ids, st = speculative_generate(target, draft, prompt, n, k=k)
+            return ids[0].tolist(), {"acceptance": f"{st.acceptance_rate:.2f}"}
+
+        out[f"speculative k={k}"] = spec
+    if args.mlx:
+        try:
+            import mlx.core as mx
+
+            from ch07.mlx_minigpt import MLXGPT
+        except ImportError:
+            print("MLX is not installed: skipping the MLX row (pip install mlx[cpu] on Linux, mlx on a Mac)")
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                mlx_model = MLXGPT.load(target.save(d))
+            mx_prompt = mx.array(prompt.view(1, -1).numpy())
+            out["MLX (KV cache)"] = lambda n: (mlx_model.generate(mx_prompt, n).tolist()[0], {})
+    return out
+
+
+def main(argv=None):
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6], help="draft lengths for speculative decoding")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-hf", dest="hf", action="store_false")
+    p.add_argument("--no-mlx", dest="mlx", action="store_false")
+    p.add_argument("--untrained", action="store_true", help="random weights (smoke run, no training)")
+    p.add_argument("--skip-no-cache-above", type=int, default=10**9, help="skip the slow no-cache row above this")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.untrained:  # same shapes, random weights: a quick smoke run (speeds only; acceptance is meaningless)
+        from ch01.model import GPT, GPTConfig
+        from ch07.models import DRAFT, TARGET
+
+        target, draft = (
+            GPT(GPTConfig.preset(m["preset"], vocab_size=65, **m["overrides"])).eval() for m in (TARGET, DRAFT)
+        )
+        prompt = torch.randint(0, 65, (args.prompt_len,))
+    else:
+        target, draft, _, val_ids = decode_models()
+        prompt = val_ids[: args.prompt_len]
+    fns = methods(target, draft, prompt, args)
+    for name, fn in fns.items():  # warm-up (and compile) outside the timings
+        if name != "no cache":
+            fn(8)
+    rows, series = [], {name: ([], []) for name in fns}
+    for n in args.new_tokens:
+        outs, tps = {}, {}
+        for name, fn in fns.items():
+            if name == "no cache" and n > args.skip_no_cache_above:
+                continue
+            sec, (outs[name], info) = timed(lambda fn=fn, n=n: fn(n), args.repeats)
+            tps[name] = n / sec
+            series[name][0].append(n)
+            series[name][1].append(tps[name])
+            rows.append(
+                {"new tokens": n, "method": name, "tokens/s": tps[name], "acceptance": info.get("acceptance", "")}
+            )
+            print(f"  {n:4d} {name:32s} {tps[name]:8.1f} tok/s", flush=True)
+        for r in rows[-len(outs) :]:
+            r["identical to cache"] = outs[r["method"]] == outs["static cache"]
+            r["x static cache"] = r["tokens/s"] / tps["static cache"]
+            if "no cache" in tps:
+                r["x no cache"] = r["tokens/s"] / tps["no cache"]
+    cfg = target.config
+    print(
+        f"\n{hardware_info()} (intra-op threads {args.threads}); target {target.num_params() / 1e6:.1f}M params "
+        f"({cfg.n_layer} layers × {cfg.n_embd}), draft {draft.num_params() / 1e6:.2f}M; prompt {args.prompt_len}"
+    )
+    cols = ["new tokens", "method", "tokens/s", "x no cache", "x static cache", "acceptance", "identical to cache"]
+    print(markdown_table(rows, cols, floatfmt=".2f"))
+    path = line_plot(
+        {k: v for k, v in series.items() if v[0]},
+        assets_dir(__file__) / "decode_tokens_per_s.png",
+        title=f"greedy decoding, prompt {args.prompt_len} (CPU, {args.threads} thread)",
+        xlabel="new tokens",
+        ylabel="tokens/s",
+        logy=True,
+    )
+    print(f"plot: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
