@@ -144,7 +144,7 @@ class AdamW(torch.optim.Optimizer):
                 m.lerp_(p.grad, 1 - b1)
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 step_size = lr / (1 - b1**t)
-                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(eps)
                 p.addcdiv_(m, denom, value=-step_size)
         return loss
 

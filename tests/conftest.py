@@ -1,0 +1,28 @@
+"""Shared pytest setup: CPU-only defaults, markers that skip without the hardware/library, a private cache dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import mlx.core  # noqa: F401
+
+        has_mlx = True
+    except Exception:
+        has_mlx = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "mlx" in item.keywords and not has_mlx:
+            item.add_marker(pytest.mark.skip(reason="needs MLX (pip install 'mlx[cpu]' on Linux)"))
