@@ -106,3 +106,43 @@ def test_script_main_meets_acceptance():
     assert res["rows"] and all(r["ok"] for r in res["rows"])
     assert max(max(r["out"], r["dq"], r["dk"], r["dv"]) for r in res["rows"]) <= 1e-4
     assert any(r["N"] % 16 for r in res["rows"]) and {r["causal"] for r in res["rows"]} == {True, False}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["window-causal", "window", "bigbird-causal"])
+def test_block_sparse_triton_equals_dense_masked(kind):
+    from ch04.sparse_attention import bigbird_pattern, dense_masked_attention, sliding_window_pattern
+    from ch04.sparse_triton import block_sparse_attention_triton
+
+    n = 70  # ragged: the last block is partial
+    pattern = {
+        "window-causal": sliding_window_pattern(n, 20, 16),
+        "window": sliding_window_pattern(n, 20, 16, causal=False),
+        "bigbird-causal": bigbird_pattern(n, 16, local=1, n_global=1, n_random=1),
+    }[kind]
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for _ in range(3))
+    torch.testing.assert_close(
+        block_sparse_attention_triton(q, k, v, pattern), dense_masked_attention(q, k, v, pattern), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not ft.INTERPRET, reason="only the interpreter path depends on import order")
+def test_works_when_triton_was_imported_before_the_interpreter_was_switched_on():
+    """bitsandbytes (and others) import triton early; ch04 must still run its kernels in the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import triton, triton.language as tl, torch, torch.nn.functional as F\n"
+        "from ch04.flash_triton import flash_attention\n"
+        "q = torch.randn(1, 1, 20, 16)\n"
+        "err = (flash_attention(q, q, q, True) - F.scaled_dot_product_attention(q, q, q, is_causal=True)).abs().max()\n"
+        "print(type(tl.zeros).__name__, float(err))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=280)
+    assert res.returncode == 0, res.stderr[-2000:]
+    name, err = res.stdout.split()
+    assert name == "InterpretedFunction" and float(err) < 1e-5
