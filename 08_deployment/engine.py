@@ -12,8 +12,10 @@ rotations compose (R(p + d) = R(d)·R(p)), so the engine rotates sequence i's st
 before the step (relative distances are then the true ones) and rotates its new key back by -d_i before storing it.
 A sequence alone in a batch has d = 0 (identity), so batching changes results only by float rounding.
 
-This module is the one place that would switch to chapter 07's paged KV cache; the scheduler only sees slots.
-Backends share one signature, ``(input_ids, attention_mask, past) -> (logits, present)``: ``TorchBackend`` runs
+``PagedEngine`` (the default for the torch backend) is the same interface over chapter 07's vLLM-style paged KV cache
+(``ch07.paged_kv_cache``: block tables, per-row positions, prefix caching), which needs no re-rotation because its forward
+takes a position per row. ``Engine`` stays for the onnxruntime backend, whose exported graph takes explicit past tensors.
+The scheduler only sees slots. Backends share one signature, ``(input_ids, attention_mask, past) -> (logits, present)``: ``TorchBackend`` runs
 ``export_onnx.DecodeGraph`` eagerly, ``OrtBackend`` runs the exported decode graph in onnxruntime.
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from ch01.functional import apply_rope, rope_cache
 from ch01.model import GPT
+from ch07.paged_kv_cache import PagedKVCache, paged_forward
 from ch08.export_onnx import DecodeGraph, export_decode, ort_session
 from common.data import cache_dir
 
@@ -141,3 +144,55 @@ class Engine:
         for s in slots:
             self.lengths[s] += 1
         return logits[:, -1].float()  # (B, V)
+
+
+class PagedEngine:
+    """The Engine interface over ch07's PagedKVCache: one ``paged_forward`` per step for all running sequences."""
+
+    def __init__(self, model: GPT, max_slots: int, max_context: int | None = None, block_size: int = 16):
+        self.model, self.cfg = model, model.config
+        self.max_context = min(max_context or self.cfg.block_size, self.cfg.block_size)
+        blocks_per_seq = -(-self.max_context // block_size) + 1  # + 1: a copy-on-write copy of a shared block
+        device = next(model.parameters()).device
+        self.cache = PagedKVCache(
+            self.cfg,
+            num_blocks=max_slots * blocks_per_seq,
+            block_size=block_size,
+            device=device,
+            dtype=next(model.parameters()).dtype,
+        )
+        self.lengths = [0] * max_slots
+        self.free = list(range(max_slots))[::-1]
+        self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def max_slots(self) -> int:
+        return len(self.lengths)
+
+    def alloc(self) -> int:
+        if not self.free:
+            raise RuntimeError("no free KV slot")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot in self.cache.seqs:
+            self.cache.free(slot)
+        self.lengths[slot] = 0
+        self.free.append(slot)
+
+    def prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
+        if not 0 < len(prompt_ids) <= self.max_context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens; must be 1..{self.max_context}")
+        cached = self.cache.add_sequence(slot, prompt_ids)  # whole blocks shared with an earlier identical prefix
+        self.prefix_hit_tokens += cached
+        logits = paged_forward(self.model, self.cache, {slot: prompt_ids[cached:]})  # (1, V)
+        self.lengths[slot] = len(prompt_ids)
+        return logits[0].float()
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        if max(self.lengths[s] for s in slots) >= self.max_context:
+            raise ValueError("a sequence reached max_context; the scheduler must finish it first")
+        logits = paged_forward(self.model, self.cache, {s: [t] for s, t in zip(slots, tokens)})  # (B, V)
+        for s in slots:
+            self.lengths[s] += 1
+        return logits.float()

@@ -4,8 +4,8 @@ so a new request starts between two steps instead of waiting for the current bat
 cancelled one leaves between steps and frees its KV slot at once.
 
 Requests talk to the asyncio side through ``on_event`` callbacks (called on this thread; the server forwards them to an
-asyncio.Queue with ``loop.call_soon_threadsafe``). Sampling uses ch01's ``filter_logits`` (top-p) and a per-request
-``torch.Generator``, so a seeded request samples the same tokens alone or in a batch.
+asyncio.Queue with ``loop.call_soon_threadsafe``). Sampling uses chapter 07's ``Sampler`` (temperature, top-p) with a
+per-request ``torch.Generator``, so a seeded request samples the same tokens alone or in a batch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ch01.model import filter_logits
+from ch07.sampling import Sampler
 from ch08.engine import Engine
 from ch08.metrics import Metrics
 
@@ -55,6 +55,7 @@ class GenRequest:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     generator: torch.Generator | None = None
+    sampler: Sampler | None = None
 
 
 class Scheduler:
@@ -165,15 +166,13 @@ class Scheduler:
             req.generator = torch.Generator().manual_seed(
                 req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
             )
+            req.sampler = Sampler(temperature=req.temperature, top_p=req.top_p)
             with self.cv:
                 self.running.append(req)
             self._advance(req, self.engine.prefill(req.slot, req.prompt_ids))
 
     def _sample(self, req: GenRequest, logits: torch.Tensor) -> int:
-        if req.temperature == 0:
-            return int(logits.argmax())
-        probs = filter_logits(logits[None].cpu() / req.temperature, None, req.top_p).softmax(-1)  # (1, V)
-        return int(torch.multinomial(probs, 1, generator=req.generator))
+        return int(req.sampler(logits[None].cpu(), None, req.generator)[0])  # (1, V) -> (1,)
 
     def _advance(self, req: GenRequest, logits: torch.Tensor):
         token = self._sample(req, logits)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ch01.char_tokenizer import CharTokenizer
 from ch01.model import GPT
-from ch08.engine import Engine, OrtBackend, TorchBackend
+from ch08.engine import Engine, OrtBackend, PagedEngine, TorchBackend
 from ch08.metrics import Metrics
 from ch08.scheduler import Scheduler
 from common.cli import base_parser
@@ -76,14 +76,16 @@ def build_state(
     onnx_path: str | None = None,
     max_queue: int = 1024,
     shutdown_timeout: float = 10.0,
+    kv_cache: str = "paged",
 ) -> ServerState:
-    if backend == "torch":
-        be = TorchBackend(model)
+    if backend == "torch" and kv_cache == "paged":
+        engine = PagedEngine(model, max_slots=max_batch, max_context=max_context)
+    elif backend == "torch":
+        engine = Engine(model, TorchBackend(model), max_slots=max_batch, max_context=max_context)
     elif backend == "onnxruntime":
-        be = OrtBackend(model, onnx_path)
+        engine = Engine(model, OrtBackend(model, onnx_path), max_slots=max_batch, max_context=max_context)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose torch or onnxruntime")
-    engine = Engine(model, be, max_slots=max_batch, max_context=max_context)
     metrics = Metrics()
     eos = getattr(tok, "special_ids", {}).get("<|endoftext|>")
     scheduler = Scheduler(engine, tok, metrics, max_queue=max_queue, eos_id=eos)
@@ -110,6 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--host", default=env("LLM_HOST", "127.0.0.1"), help="bind address (0.0.0.0 inside a container)")
     p.add_argument("--port", type=int, default=env("LLM_PORT", 8000))
     p.add_argument("--backend", default=env("LLM_BACKEND", "torch"), choices=["torch", "onnxruntime"])
+    p.add_argument(
+        "--kv-cache",
+        default=env("LLM_KV_CACHE", "paged"),
+        choices=["paged", "slots"],
+        help="torch backend: ch07's paged KV cache, or contiguous per-sequence slots (what onnxruntime uses)",
+    )
     p.add_argument("--onnx-path", default=env("LLM_ONNX_PATH", None), help="decode graph (default: export + cache)")
     p.add_argument("--max-batch", type=int, default=env("LLM_MAX_BATCH", 16), help="sequences decoded together")
     p.add_argument(
@@ -153,6 +161,7 @@ def main(argv=None):
         args.onnx_path,
         args.max_queue,
         args.shutdown_timeout,
+        args.kv_cache,
     )
     log.info(
         "serving %s (%s backend, max batch %d, context %d) on http://%s:%d",

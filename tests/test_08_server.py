@@ -14,7 +14,7 @@ import torch
 
 from ch01.model import GPT, GPTConfig
 from ch01.pretrained import pretrained_char_model
-from ch08.engine import Engine, TorchBackend
+from ch08.engine import Engine, PagedEngine, TorchBackend
 from ch08.serve_thread import ServerThread
 from ch08.server import build_state, load_model
 
@@ -59,11 +59,16 @@ def metric(url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def test_engine_batched_decode_equals_single_sequence_generate():
-    """Sequences of different lengths decoded together (left padding + RoPE re-rotation) == each alone, greedy."""
+@pytest.mark.parametrize("kind", ["slots", "paged"])
+def test_engine_batched_decode_equals_single_sequence_generate(kind):
+    """Sequences of different lengths decoded together (slots: left padding + RoPE re-rotation; paged: ch07's
+    per-row positions) == each alone with ch01's plain generate, greedy, token for token."""
     model, tok, _ = pretrained_char_model("tiny", 200, verbose=False)
-    prompts = ["ROMEO:", "First Citizen:\nBefore", "O", "KING RICHARD III:\nNow is"]
-    engine = Engine(model, TorchBackend(model), max_slots=4)
+    prompts = ["ROMEO:", "First Citizen:\nBefore", "O", "KING RICHARD III:\nNow is", "ROMEO:"]  # repeat: prefix cache
+    if kind == "slots":
+        engine = Engine(model, TorchBackend(model), max_slots=5)
+    else:
+        engine = PagedEngine(model, max_slots=5, block_size=4)
     slots = [engine.alloc() for _ in prompts]
     nxt = [int(engine.prefill(s, tok.encode(p)).argmax()) for s, p in zip(slots, prompts)]
     outs = [[t] for t in nxt]
@@ -74,6 +79,8 @@ def test_engine_batched_decode_equals_single_sequence_generate():
     for p, o in zip(prompts, outs):
         ref = model.generate(torch.tensor([tok.encode(p)]), 21, temperature=0.0)[0, len(p) :].tolist()
         assert o == ref, p
+    if kind == "paged":
+        assert engine.prefix_hit_tokens == 4  # the repeated prompt reused the first one's full 4-token block
 
 
 def test_models_health_and_completion_matches_reference(server, client):
@@ -236,3 +243,32 @@ def test_api_key_required_when_configured(checkpoint):
         c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert len(c.completions.create(model=name, prompt="A", max_tokens=3).choices[0].text) == 3
         assert httpx.get(url + "/health").status_code == 200  # health stays open for load balancers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_server_process_graceful_shutdown_finishes_in_flight_requests(checkpoint):
+    """``python 08_deployment/server.py --checkpoint DIR``; SIGINT while a request runs: it still completes, exit 0."""
+    import signal
+    import threading
+
+    from ch08.serve_thread import ServerProcess
+
+    server = ServerProcess(["--checkpoint", str(checkpoint), "--max-batch", "4", "--shutdown-timeout", "60"])
+    with server as url:
+        result = {}
+
+        def long_request():
+            body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 300, "temperature": 0}
+            result["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        for _ in range(200):  # wait until the request is running
+            if httpx.get(url + "/health").json()["running"]:
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        server.proc.send_signal(signal.SIGINT)
+        t.join(timeout=120)
+        assert server.proc.wait(timeout=60) == 0
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 300
