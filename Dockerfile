@@ -1,0 +1,34 @@
+# LLM Roadmap on CPU: builds the course, and by default trains (first start) and serves the capstone mini-GPT
+# over an OpenAI-compatible API on port 8000.
+#   docker build -t llm-roadmap .
+#   docker run --rm -p 8000:8000 llm-roadmap                       # serve (trains the cpu-demo model first if needed)
+#   docker run --rm llm-roadmap python -m pytest -m "not slow"     # run the tests instead
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LLM_ROADMAP_CACHE=/home/app/cache \
+    OMP_NUM_THREADS=2
+
+RUN useradd --create-home --uid 1000 app
+WORKDIR /home/app/llm-roadmap
+
+# CPU build of torch first, so requirements.txt does not pull the multi-GB CUDA build
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+COPY --chown=app:app requirements.txt ./
+RUN grep -v '^-e' requirements.txt > /tmp/requirements-deps.txt \
+    && pip install --no-cache-dir -r /tmp/requirements-deps.txt
+
+COPY --chown=app:app . .
+RUN pip install --no-cache-dir --no-deps -e . \
+    && mkdir -p /home/app/cache runs \
+    && chown -R app:app /home/app
+
+USER 1000
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+CMD ["python", "10_capstone/minigpt.py", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo  (set up + train/sample/serve the capstone mini-GPT)  and  make test.
+# VENV: where the virtual environment lives. TORCH_PIP: an optional torch requirement installed first
+# (e.g. TORCH_PIP="torch --index-url https://download.pytorch.org/whl/cpu" on a CPU-only Linux box).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_PIP ?=
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-fast lint setup
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(if $(TORCH_PIP),$(PY) -m pip install $(TORCH_PIP),)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) 10_capstone/minigpt.py all
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
