@@ -168,3 +168,23 @@ def test_prune_model_sparsity_counted_and_wanda_uses_activations(tiny):
     )
     with pytest.raises(ValueError, match="calib"):
         prune_model(model, "wanda", 0.5)
+
+
+# ------------------------------------------------------------------------------------------------- bitsandbytes
+@pytest.mark.timeout(300)
+def test_bitsandbytes_int8_and_nf4_on_cpu(tiny, caplog):
+    pytest.importorskip("bitsandbytes")
+    from ch01.pretrained import val_loss
+    from ch06.bnb import HFCausalLM, bnb_linear_types, load_bnb
+
+    model, _, val_ids = tiny
+    base = val_loss(model, val_ids, max_batches=2)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    for mode, linear, tol in (("int8", "Linear8bitLt", 0.01), ("nf4", "Linear4bit", 0.05)):
+        hf = load_bnb(model, mode)
+        assert bnb_linear_types(hf) == {linear}  # the real bitsandbytes modules, not a fallback
+        assert hf.get_memory_footprint() < fp32_bytes
+        with caplog.at_level("WARNING"):
+            loss = val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=2)
+        assert abs(loss / base - 1) < tol
+        assert not any("will be cast" in r.getMessage() for r in caplog.records)  # per-matmul warning silenced

@@ -1,0 +1,137 @@
+"""bitsandbytes on our model: export it as a Hugging Face Llama, reload with ``BitsAndBytesConfig`` as LLM.int8()
+(8-bit, Dettmers et al. 2022) and as NF4 with double quantization (QLoRA's 4-bit format, Dettmers et al. 2023), and
+compare memory footprint and val loss with fp32. bitsandbytes ≥ 0.47 ships CPU kernels, so this runs without a GPU.
+
+    python 06_quantization/bnb.py                 # small model: fp32 vs int8 vs nf4 vs fp4
+    python 06_quantization/bnb.py --preset tiny --iters 200
+
+LLM.int8() keeps the few activation columns with outliers (|x| > 6) in fp16 and multiplies the rest with int8
+weights (per-row absmax) and int8 activations (per-token absmax). NF4 stores weights in blocks of 64 as indices into
+16 levels placed at the quantiles of a normal distribution (information-theoretically optimal for normally distributed
+weights); double quantization also quantizes the per-block fp32 absmax constants to 8 bits (0.37 bits/param saved).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ch01.hf_interop import save_hf
+from ch01.model import GPT
+
+
+class _DropCastWarning(logging.Filter):
+    """bitsandbytes logs 'inputs will be cast from float32 to float16' on every 8-bit matmul; it is expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
+def silence_bnb_cast_warning() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastWarning) for f in log.filters):
+        log.addFilter(_DropCastWarning())
+
+
+def bnb_config(mode: str):
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if mode in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=mode,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    raise ValueError(f"unknown bitsandbytes mode {mode!r}; choose int8, nf4 or fp4")
+
+
+def load_bnb(model: GPT, mode: str, hf_dir: str | None = None):
+    """Our model -> HF directory (ch01.hf_interop.save_hf) -> ``from_pretrained`` with a BitsAndBytesConfig on CPU."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(
+            f"bitsandbytes is not installed ({e}); pip install 'bitsandbytes>=0.47' for CPU kernels"
+        ) from None
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    silence_bnb_cast_warning()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = hf_dir or tmp
+        save_hf(model, directory)
+        hf = AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb_config(mode), device_map="cpu")
+    return hf.eval()
+
+
+class HFCausalLM(nn.Module):
+    """Gives a Hugging Face causal LM our model's ``loss`` / ``config.block_size`` so ch01's ``val_loss`` applies."""
+
+    def __init__(self, hf, config):
+        super().__init__()
+        self.hf, self.config = hf, config
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=idx).logits.float()  # (B, T, V)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(idx)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def bnb_linear_types(hf) -> set[str]:
+    return {type(m).__name__ for name, m in hf.named_modules() if name.endswith("q_proj")}
+
+
+def main(argv=None):
+    from ch01.pretrained import pretrained_char_model, val_loss
+    from common.bench import markdown_table
+    from common.cli import base_parser
+
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--modes", nargs="*", default=["int8", "nf4", "fp4"])
+    p.add_argument("--max-batches", type=int, default=20, help="val batches of 32 windows")
+    args = p.parse_args(argv)
+    if args.device not in ("auto", "cpu"):
+        print("bnb.py runs the bitsandbytes CPU kernels; ignoring --device", args.device)
+    model, _, (_, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    from ch01.hf_interop import to_hf
+
+    fp32 = to_hf(model)
+    base = val_loss(model, val_ids, max_batches=args.max_batches)
+    rows = [
+        {
+            "mode": "fp32 (HF)",
+            "linear": "Linear",
+            "MB": fp32.get_memory_footprint() / 1e6,
+            "val_loss": val_loss(HFCausalLM(fp32, model.config), val_ids, max_batches=args.max_batches),
+        }
+    ]
+    for mode in args.modes:
+        hf = load_bnb(model, mode)
+        rows.append(
+            {
+                "mode": mode,
+                "linear": ",".join(sorted(bnb_linear_types(hf))),
+                "MB": hf.get_memory_footprint() / 1e6,
+                "val_loss": val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=args.max_batches),
+            }
+        )
+    for r in rows:
+        r["delta_%"] = 100 * (r["val_loss"] / base - 1)
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
