@@ -1,0 +1,118 @@
+"""Chapter 03: the RLHF pieces against hand calculations, and a seeded PPO run that really improves the true reward."""
+
+import math
+
+import pytest
+import torch
+
+from ch03.ppo import AdaptiveKLController, PPOConfig, gae, ppo_losses, train_ppo
+from ch03.reward_model import bradley_terry_loss
+from ch03.true_reward import score_text, true_reward
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny: one thread is fastest, and stays fast when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bradley_terry_loss_matches_hand_calculation():
+    r_c, r_r = torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 1.5, -2.0])
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    expected = -(math.log(sig(1.0)) + math.log(sig(-1.0)) + math.log(sig(5.0))) / 3
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(expected, rel=1e-6)
+    # a huge margin stays finite (logsigmoid, not log(sigmoid))
+    assert torch.isfinite(bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0])))
+
+
+def test_gae_matches_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    # δ2 = 1 − 0.7 = 0.3;  δ1 = 0 + 0.7 − 0.6 = 0.1;  δ0 = 0 + 0.6 − 0.5 = 0.1   (γ = 1, terminal after the last token)
+    # A2 = 0.3;  A1 = 0.1 + 0.9·0.3 = 0.37;  A0 = 0.1 + 0.9·0.37 = 0.433        (λ = 0.9)
+    adv, ret = gae(rewards, values, gamma=1.0, lam=0.9)
+    torch.testing.assert_close(adv, torch.tensor([[0.433, 0.37, 0.3]]))
+    torch.testing.assert_close(ret, adv + values)
+    # λ = 1: returns are the Monte-Carlo discounted reward-to-go, whatever the values
+    _, ret1 = gae(rewards, values, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(ret1, torch.tensor([[0.25, 0.5, 1.0]]))
+    # λ = 0: one-step TD errors
+    adv0, _ = gae(rewards, values, gamma=1.0, lam=0.0)
+    torch.testing.assert_close(adv0, torch.tensor([[0.1, 0.1, 0.3]]))
+
+
+def test_ppo_clipped_loss_on_crafted_ratios():
+    ratios = torch.tensor([[0.5, 1.0, 1.5, 0.5, 1.0, 1.5]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, -1.0]])
+    logp = ratios.log().requires_grad_()
+    zeros = torch.zeros_like(adv)
+    out = ppo_losses(logp, zeros, adv, zeros, zeros, zeros, clip_eps=0.2, vf_clip=0.2)
+    # per token min(ρA, clip(ρ,0.8,1.2)A): A=+1 -> 0.5, 1.0, 1.2;  A=−1 -> −0.8, −1.0, −1.5
+    assert out["pg_loss"].item() == pytest.approx(-(0.5 + 1.0 + 1.2 - 0.8 - 1.0 - 1.5) / 6)
+    assert out["clip_frac"].item() == pytest.approx(4 / 6)
+    out["pg_loss"].backward()
+    # no gradient where the clipped branch is the pessimistic one (ρ>1+ε with A>0, ρ<1−ε with A<0)
+    grad = logp.grad[0]
+    assert grad[2] == 0 and grad[3] == 0
+    assert grad[0] != 0 and grad[5] != 0 and grad[1] != 0
+
+
+def test_ppo_value_loss_is_clipped():
+    values, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]])
+    z = torch.zeros(1, 1)
+    out = ppo_losses(z, z, z, values, old, ret, clip_eps=0.2, vf_clip=0.2)
+    # unclipped (1−2)² = 1; clipped value 0.2 -> (0.2−2)² = 3.24; the max is taken, ×0.5
+    assert out["vf_loss"].item() == pytest.approx(0.5 * 3.24)
+
+
+def test_adaptive_kl_controller_moves_beta_the_right_way():
+    ctl = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert ctl.update(6.0, n_steps=10) > 0.1  # too much KL -> stronger penalty
+    ctl = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert ctl.update(2.0, n_steps=10) < 0.1  # too little -> weaker
+    ctl = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    assert ctl.update(4.0, n_steps=10) == pytest.approx(0.1)
+    ctl = AdaptiveKLController(0.1, target=4.0, horizon=100)  # error clipped at +20%: β·(1 + 0.2·10/100)
+    assert ctl.update(400.0, n_steps=10) == pytest.approx(0.1 * 1.02)
+
+
+def test_true_reward_prefers_varied_positive_real_words():
+    good = score_text(" O sweet and gentle love, be merry and kind to me.")["reward"]
+    neutral = score_text(" I will not speak with him, my lord, for he is\n")["reward"]
+    assert good > neutral > score_text(" death and blood, thou villain, thou art a traitor")["reward"]
+    assert neutral > score_text(" love love love love love love love love love lo")["reward"]  # repetition
+    assert neutral > score_text(" lovelyswee tlovefai rgoodgentl ejoyhapp ynoble")["reward"]  # non-words
+    assert true_reward(["a", "b"]).shape == (2,)
+
+
+@pytest.mark.timeout(240)
+def test_short_ppo_run_raises_true_reward_of_tiny_policy(one_thread):
+    """PPO machinery end to end: with the true reward as a (verifiable) reward, a seeded short run must improve it."""
+    from ch03.evaluate import evaluate_policy
+    from ch03.rollout import decode_responses, load_policy
+
+    policy, tok, ids = load_policy("tiny", 200)
+
+    def reward_fn(seqs):
+        return true_reward(decode_responses(tok, seqs, 16))
+
+    cfg = PPOConfig(
+        iters=8,
+        batch_size=32,
+        minibatch_size=16,
+        ppo_epochs=2,
+        lr=3e-4,
+        target_kl=None,
+        init_kl_coef=0.02,
+        response_len=24,
+    )
+    trained, hist = train_ppo(policy, reward_fn, tok, ids, cfg, seed=0, log=lambda *a: None)
+    assert len(hist) == cfg.iters + 1 and all(math.isfinite(h["kl"]) for h in hist)
+    kw = dict(n=128, response_len=24, seed=7)
+    before = evaluate_policy(policy, policy, reward_fn, tok, ids, **kw)["true_reward"]
+    after = evaluate_policy(trained, policy, reward_fn, tok, ids, **kw)
+    assert after["true_reward"] > before + 0.2, (before, after)
+    assert after["kl"] > 0  # it moved away from the reference
