@@ -231,6 +231,45 @@ def gguf_roundtrip_model(model: GPT, qtype: str) -> GPT:
     return out
 
 
+# ------------------------------------------------------------------------------- running the file in llama.cpp
+
+
+def load_llama_cpp(path: str | Path, n_ctx: int, n_threads: int | None = None):
+    """``llama_cpp.Llama`` on the GGUF file with logits kept for every position (``scores``); None if not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        verbose=False,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        seed=0,
+    )
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    """(T, V) logits llama.cpp computes for ``ids`` from an empty context."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_cpp_greedy(llm, ids: list[int], n_new: int) -> list[int]:
+    """Greedy continuation computed by llama.cpp (argmax of its logits, KV cache kept between steps)."""
+    llm.reset()
+    llm.eval(ids)
+    out = list(ids)
+    for _ in range(n_new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out[len(ids) :]
+
+
 def main(argv=None):
     from ch01.pretrained import pretrained_char_model, val_loss
     from common.bench import markdown_table

@@ -133,3 +133,44 @@ def test_export_rejects_mismatched_tokenizer(tiny, tmp_path):
         export_gguf(model, CharTokenizer("abc"), tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="qtype"):
         export_gguf(model, CharTokenizer("abc"), tmp_path / "x.gguf", "q5_k")
+
+
+# ------------------------------------------------------------------------------- llama.cpp (llama-cpp-python)
+PROMPT = "ROMEO:\nBut soft, what light"
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.mark.timeout(300)
+def test_llama_cpp_tokenizes_and_detokenizes_our_vocab(llama_cpp, tiny, gguf_files):
+    from ch06.gguf_export import load_llama_cpp
+
+    model, tok, val_ids = tiny
+    llm = load_llama_cpp(gguf_files["f32"], model.config.block_size, n_threads=2)
+    text = tok.decode(val_ids[:500].tolist())  # real text: newlines, punctuation, capitals
+    ids = llm.tokenize(text.encode(), add_bos=False)
+    assert ids == tok.encode(text)
+    assert llm.detokenize(ids).decode() == text
+    assert llm.token_bos() == -1 and llm.token_eos() == -1  # no character is mistaken for BOS/EOS
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("qtype,atol", [("f32", 1e-3), ("f16", 1e-3), ("q8_0", 1e-2)])
+def test_llama_cpp_logits_and_greedy_match_torch(llama_cpp, tiny, gguf_files, qtype, atol):
+    from ch06.gguf_export import llama_cpp_greedy, llama_cpp_logits, load_llama_cpp
+
+    model, tok, _ = tiny
+    llm = load_llama_cpp(gguf_files[qtype], model.config.block_size, n_threads=2)
+    ids = tok.encode(PROMPT)
+    reference = gguf_roundtrip_model(model, qtype)  # the weights exactly as stored in the file
+    with torch.no_grad():
+        want = reference(torch.tensor([ids]))[0].numpy()  # (T, V)
+    got = llama_cpp_logits(llm, ids)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < atol
+    if qtype in ("f32", "f16"):  # the text itself: 32 greedy tokens identical to our fp32 model
+        ours = model.generate(torch.tensor([ids]), 32, temperature=0)[0, len(ids) :].tolist()
+        assert llama_cpp_greedy(llm, ids, 32) == ours

@@ -1,0 +1,140 @@
+"""One table for every method in the chapter: bits, size, val loss and tokens/s — fp32, int8, int4/int3 RTN vs GPTQ,
+GGUF Q8_0/Q4_0 (and llama.cpp speed where llama-cpp-python is installed), bitsandbytes int8/NF4, pruned models.
+
+    python 06_quantization/bench_quant.py                     # small model (~2-4 min on 2 CPU cores)
+    python 06_quantization/bench_quant.py --preset tiny --iters 200 --skip-bnb
+
+Val loss is ch01's deterministic ``val_loss`` (20 × 32 windows of 64 chars of the held-out split). tokens/s is the
+forward throughput of a (8, 64) batch through the same torch code path (dequantize-on-the-fly for our QuantLinear, so
+it measures overhead, not the speed a fused kernel would give); llama.cpp tok/s is prompt processing of 64 tokens
+with 2 threads. Writes assets/quant_tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ch01.pretrained import pretrained_char_model, val_loss
+from ch06.gguf_export import export_gguf, gguf_roundtrip_model, llama_cpp_logits, load_llama_cpp
+from ch06.gptq import calibration_windows
+from ch06.prune import prune_model, sparsity_of
+from ch06.quantize import model_size_bytes, quantize_model
+from common.bench import hardware_info, markdown_table, timeit
+from common.cli import base_parser
+from common.plot import assets_dir, save_fig
+from common.seed import seed_everything
+
+
+@torch.no_grad()
+def torch_tokens_per_s(model, vocab: int, T: int, B: int = 8) -> float:
+    idx = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0))
+    t = timeit(lambda: model(idx), warmup=1, repeats=5)
+    return B * T / t.median
+
+
+def llama_cpp_tokens_per_s(path: Path, ids: list[int], n_ctx: int) -> float | None:
+    llm = load_llama_cpp(path, n_ctx, n_threads=2)
+    if llm is None:
+        return None
+    t = timeit(lambda: llama_cpp_logits(llm, ids), warmup=1, repeats=5)
+    return len(ids) / t.median
+
+
+def plot(rows, path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in rows:
+        ax.scatter(r["MB"], r["val_loss"], s=30)
+        ax.annotate(r["method"], (r["MB"], r["val_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("size (MB, as stored)")
+    ax.set_ylabel("val loss (nats/char)")
+    ax.set_title("Quantization / pruning trade-off (char-level mini-GPT)")
+    ax.grid(alpha=0.3)
+    return save_fig(fig, path)
+
+
+def main(argv=None):
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--skip-bnb", action="store_true", help="leave out the bitsandbytes rows")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    seed_everything(args.seed)
+    model, tok, (train_ids, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    cfg = model.config
+    calib = calibration_windows(train_ids, args.n_calib, cfg.block_size, args.seed)
+    base = val_loss(model, val_ids)
+    rows = []
+
+    def add(method, bits, mb, m, extra=None):
+        loss = base if m is model else val_loss(m, val_ids)
+        rows.append(
+            {
+                "method": method,
+                "bits": bits,
+                "MB": mb,
+                "val_loss": loss,
+                "delta_%": 100 * (loss / base - 1),
+                "tok/s": torch_tokens_per_s(m, cfg.vocab_size, cfg.block_size),
+                **(extra or {}),
+            }
+        )
+
+    add("fp32", 32, model_size_bytes(model) / 1e6, model)
+    add("int8 RTN (per-row)", 8, *_q(model, "rtn", 8, None))
+    for bits, gs in ((4, 128), (4, 32), (3, 32)):
+        add(f"int{bits} RTN g{gs}", bits, *_q(model, "rtn", bits, gs))
+        add(f"int{bits} GPTQ g{gs}", bits, *_q(model, "gptq", bits, gs, calib_ids=calib))
+    ids = tok.encode(tok.decode(val_ids[: cfg.block_size].tolist()))
+    with tempfile.TemporaryDirectory() as tmp:
+        for qt in ("f16", "q8_0", "q4_0"):
+            path = export_gguf(model, tok, Path(tmp) / f"{qt}.gguf", qt)
+            bits = {"f16": 16, "q8_0": 8.5, "q4_0": 4.5}[qt]
+            add(
+                f"GGUF {qt.upper()}",
+                bits,
+                path.stat().st_size / 1e6,
+                gguf_roundtrip_model(model, qt),
+                {"llama.cpp tok/s": llama_cpp_tokens_per_s(path, ids, cfg.block_size) or "-"},
+            )
+    if not args.skip_bnb:
+        try:
+            from ch06.bnb import HFCausalLM, load_bnb
+
+            for mode in ("int8", "nf4"):
+                hf = load_bnb(model, mode)
+                add(
+                    f"bitsandbytes {mode}",
+                    8 if mode == "int8" else 4,
+                    hf.get_memory_footprint() / 1e6,
+                    HFCausalLM(hf, cfg),
+                )
+        except (ImportError, SystemExit) as e:
+            print(f"skipping bitsandbytes rows: {e}")
+    for method, pattern, s in (
+        ("magnitude", "unstructured", 0.5),
+        ("wanda", "unstructured", 0.5),
+        ("wanda", "2:4", 0.5),
+    ):
+        pm = prune_model(model, method, s, pattern, calib_ids=calib)
+        add(f"{method} {pattern} {sparsity_of(pm):.0%}", 32, model_size_bytes(pm) / 1e6, pm)
+    print(f"\n{args.preset} model, {cfg.n_layer} layers × {cfg.n_embd} dims; {hardware_info()}\n")
+    print(markdown_table(rows, floatfmt=".4g"))
+    if not args.no_plot:
+        print("plot:", plot(rows, assets_dir(__file__) / "quant_tradeoff.png"))
+    return rows
+
+
+def _q(model, method, bits, gs, **kw):
+    q = quantize_model(model, method, bits, gs, **kw)
+    return model_size_bytes(q) / 1e6, q
+
+
+if __name__ == "__main__":
+    main()
