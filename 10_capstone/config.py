@@ -1,0 +1,99 @@
+"""The capstone's one config: a TOML file (``configs/<name>.toml`` or any path) merged over defaults and validated.
+
+Sections: ``[tokenizer]`` (BPE vocab size), ``[model]`` (a ch01 preset plus GPTConfig overrides), ``[train]`` (ch01
+TrainConfig fields), ``[eval]``, ``[sample]``, ``[quantize]``, ``[serve]``. Unknown keys are errors, so a typo never
+silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from ch01.model import GPTConfig
+from ch01.train import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "cpu-demo"
+
+DEFAULTS: dict = {
+    "name": DEFAULT_CONFIG,
+    "device": "auto",
+    "seed": 1337,
+    "tokenizer": {"vocab_size": 512, "special_tokens": ["<|endoftext|>"]},
+    "model": {"preset": "small", "attn_impl": "auto"},
+    "train": {},
+    "eval": {"max_batches": None, "batch_size": 32, "decode_tokens": 100, "decode_prompt_tokens": 16},
+    "sample": {"prompt": "ROMEO:\n", "max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": None,
+               "num_samples": 3},
+    "quantize": {"int8": True, "q8_0": True},
+    "serve": {"host": "127.0.0.1", "port": 8000, "max_batch": 16},
+}
+_MODEL_KEYS = {f.name for f in fields(GPTConfig)} | {"preset"}
+_TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"out_dir", "device", "seed", "progress"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, override: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ConfigError(f"unknown config key {where}{key!r}")
+        if isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
+            raise ConfigError(f"config key {where}{key!r} must be a table")
+        out[key] = _merge(base[key], value, f"{where}{key}.") if isinstance(value, dict) and base[key] else value
+    return out
+
+
+def load_config(name_or_path: str | Path = DEFAULT_CONFIG) -> dict:
+    """Read a config by name (``configs/NAME.toml``) or path, merged over DEFAULTS; raises ConfigError if invalid."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"config {str(name_or_path)!r} not found (built in: {known}; or pass a .toml path)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    model, train = raw.get("model", {}), raw.get("train", {})
+    bad = (set(model) - _MODEL_KEYS) | (set(train) - _TRAIN_KEYS)
+    if bad:
+        raise ConfigError(f"{path}: unknown model/train keys {sorted(bad)}")
+    base = copy.deepcopy(DEFAULTS)
+    base["model"] = {**base["model"], **{k: None for k in model}}
+    base["train"] = {k: None for k in train}
+    cfg = _merge(base, raw)
+    cfg["path"] = str(path)
+    if cfg["tokenizer"]["vocab_size"] < 256 + len(cfg["tokenizer"]["special_tokens"]):
+        raise ConfigError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
+    return cfg
+
+
+def model_config(cfg: dict, vocab_size: int, device_type: str) -> GPTConfig:
+    m = dict(cfg["model"])
+    preset = m.pop("preset")
+    if m.get("attn_impl") == "auto":  # the Triton kernel only pays off where it compiles: on a CUDA GPU
+        m["attn_impl"] = "flash_triton" if device_type == "cuda" else "sdpa"
+    return GPTConfig.preset(preset, vocab_size=vocab_size, **m)
+
+
+def train_config(cfg: dict, out_dir: str, device: str, progress: bool = True) -> TrainConfig:
+    return TrainConfig(**cfg["train"], out_dir=out_dir, device=device, seed=cfg["seed"], progress=progress)
+
+
+def fingerprint(*parts) -> str:
+    """Stable hash of config sections: a stage is up to date when its inputs' fingerprint is unchanged."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,249 @@
+"""The capstone pipeline's stages. Each reuses the chapter that teaches it and records what it measured in
+``runs/<name>/metrics.json``; ``runs/<name>/stages.json`` holds each stage's input fingerprint so a re-run skips
+stages whose outputs are up to date (``--force`` redoes them).
+
+tokenizer (ch01 BPE) -> data (memmapped token files) -> train (ch01 loop, resumable) -> eval (val loss, samples,
+decode speed with ch07's KV cache) -> quantize (ch06 int8 RTN, GGUF Q8_0) -> export (HF via ch01, ONNX via ch08,
+GGUF via ch06) -> report (report.md) -> serve (ch08's OpenAI-compatible server).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ch01.bpe import Tokenizer, train_bpe
+from ch01.model import GPT
+from ch01.pretrained import val_loss
+from ch10.config import fingerprint, model_config, train_config
+from common.checkpoint import atomic_write
+from common.data import SHAKESPEARE_PATH, SHAKESPEARE_SHA256, load_shakespeare, train_val_split
+from common.device import pick_device
+from common.plot import line_plot
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["tokenizer", "data", "train", "eval", "quantize", "export", "report"]
+
+
+class Run:
+    """Paths, the stage manifest and the metrics file of one run directory."""
+
+    def __init__(self, cfg: dict, root: str | Path | None = None, force: bool = False, progress: bool = True):
+        self.cfg, self.force, self.progress = cfg, force, progress
+        self.dir = Path(root or REPO_ROOT / "runs") / cfg["name"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg["device"])
+
+    tokenizer_dir = property(lambda self: self.dir / "tokenizer")
+    model_dir = property(lambda self: self.dir / "model")
+    export_dir = property(lambda self: self.dir / "exports")
+
+    def _read(self, name: str) -> dict:
+        path = self.dir / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _write(self, name: str, data: dict) -> None:
+        text = json.dumps(data, indent=2, default=str)
+        atomic_write(self.dir / name, lambda tmp: Path(tmp).write_text(text))
+
+    def fingerprint(self, stage: str) -> str:
+        c = self.cfg
+        parts = {"tokenizer": (c["tokenizer"], SHAKESPEARE_SHA256), "data": (), "train": (c["model"], c["train"],
+                 c["seed"], self.device.type), "eval": (c["eval"], c["sample"]), "quantize": (c["quantize"], c["eval"]),
+                 "export": (c["eval"],), "report": ()}
+        upstream = STAGES[: STAGES.index(stage)]
+        return fingerprint(stage, parts[stage], [self._read("stages.json").get(s) for s in upstream])
+
+    def up_to_date(self, stage: str) -> bool:
+        return not self.force and self._read("stages.json").get(stage) == self.fingerprint(stage)
+
+    def done(self, stage: str, metrics: dict | None = None) -> None:
+        if metrics:
+            self._write("metrics.json", {**self._read("metrics.json"), stage: metrics})
+        self._write("stages.json", {**self._read("stages.json"), stage: self.fingerprint(stage)})
+
+    @property
+    def metrics(self) -> dict:
+        return self._read("metrics.json")
+
+    # ------------------------------------------------------------------------------------------------ loaders
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_dir)
+
+    def tokens(self, split: str) -> torch.Tensor:
+        arr = np.load(self.dir / "data" / f"{split}.npy", mmap_mode="r")  # memmapped uint16
+        return torch.from_numpy(np.asarray(arr, dtype=np.int64))
+
+    def model(self) -> GPT:
+        return GPT.load(self.model_dir, map_location=str(self.device)).eval()
+
+
+def stage_tokenizer(run: Run) -> dict:
+    tc = run.cfg["tokenizer"]
+    t0 = time.perf_counter()
+    vocab, merges = train_bpe(SHAKESPEARE_PATH, tc["vocab_size"], tc["special_tokens"])
+    seconds = time.perf_counter() - t0
+    tmp = run.dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    Tokenizer(vocab, merges, tc["special_tokens"]).save(tmp)
+    shutil.rmtree(run.tokenizer_dir, ignore_errors=True)
+    tmp.rename(run.tokenizer_dir)
+    return {"vocab_size": len(vocab), "train_seconds": round(seconds, 2)}
+
+
+def stage_data(run: Run) -> dict:
+    text = load_shakespeare()
+    ids = np.asarray(run.tokenizer().to_tiktoken().encode_ordinary(text), dtype=np.uint16)
+    (run.dir / "data").mkdir(exist_ok=True)
+    for split, part in zip(("train", "val"), train_val_split(ids)):
+        atomic_write(run.dir / "data" / f"{split}.npy", lambda tmp, p=part: np.save(open(tmp, "wb"), p))
+    return {"tokens": int(ids.size), "chars_per_token": round(len(text) / ids.size, 3)}
+
+
+def stage_train(run: Run) -> dict:
+    from ch01.train import train
+
+    tok = run.tokenizer()
+    mcfg = model_config(run.cfg, len(tok.vocab), run.device.type)
+    if mcfg.attn_impl == "flash_triton":
+        import ch04.flash_triton  # noqa: F401  (registers the kernel with ch01's attention plug point)
+    ckpt_dir = run.dir / "checkpoints"
+    fp = run.fingerprint("train")
+    marker = ckpt_dir / "fingerprint.txt"
+    resume = (ckpt_dir / "ckpt.safetensors").exists() and marker.exists() and marker.read_text() == fp
+    if not resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True)
+        marker.write_text(fp)
+    tc = train_config(run.cfg, str(ckpt_dir), str(run.device), run.progress)
+    res = train(mcfg, tc, run.tokens("train"), run.tokens("val"), resume=resume)
+    shutil.rmtree(run.model_dir, ignore_errors=True)
+    shutil.copytree(ckpt_dir / "model", run.model_dir)
+    for f in run.tokenizer_dir.iterdir():  # the model dir is self-contained: weights + config + tokenizer
+        shutil.copy(f, run.model_dir / f.name)
+    val = res["val"]
+    line_plot({"train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
+               "val": ([v[0] for v in val], [v[2] for v in val])}, run.dir / "loss.png", marker="",
+              title=f"{run.cfg['name']}: mini-GPT on tiny-shakespeare", xlabel="iteration", ylabel="loss")
+    model = res["model"]
+    return {"params": model.num_params(), "iters": tc.max_iters, "train_seconds": round(res["train_time_s"], 1),
+            "train_tokens_per_s": round(res["tokens_per_s"]), "final_val_estimate": val[-1][2],
+            "resumed": resume, "config": mcfg.to_dict()}
+
+
+def stage_eval(run: Run) -> dict:
+    from ch07.kv_cache import generate
+    from ch07.sampling import Sampler
+
+    model, tok, ev, sc = run.model(), run.tokenizer(), run.cfg["eval"], run.cfg["sample"]
+    loss = val_loss(model, run.tokens("val"), ev["batch_size"], ev["max_batches"])
+    prompt = tok.encode(sc["prompt"])
+    gen = torch.Generator(device=run.device).manual_seed(run.cfg["seed"])
+    sampler = Sampler(temperature=sc["temperature"], top_k=sc["top_k"], top_p=sc["top_p"])
+    n_new = min(sc["max_new_tokens"], model.config.block_size - len(prompt))
+    out = generate(model, [prompt] * sc["num_samples"], n_new, sampler, generator=gen)
+    samples = [sc["prompt"] + tok.decode(row.tolist()) for row in out]
+    (run.dir / "samples.txt").write_text("\n\n".join(f"--- sample {i} ---\n{s}" for i, s in enumerate(samples)))
+    speed = {}
+    p = run.tokens("val")[: ev["decode_prompt_tokens"]].tolist()
+    n = min(ev["decode_tokens"], model.config.block_size - len(p))
+    for use_cache in (False, True):
+        generate(model, [p], 4, use_cache=use_cache)  # warm-up
+        t0 = time.perf_counter()
+        generate(model, [p], n, use_cache=use_cache)
+        speed["kv_cache" if use_cache else "no_cache"] = round(n / (time.perf_counter() - t0), 1)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "decode_tokens_per_s": speed, "decode_new_tokens": n,
+            "samples": samples}
+
+
+def stage_quantize(run: Run) -> dict:
+    from ch06.gguf_export import gguf_roundtrip_model
+    from ch06.quantize import model_size_bytes, quantize_model
+
+    model, val, ev = run.model(), run.tokens("val"), run.cfg["eval"]
+    rows = {"fp32": {"bytes": model_size_bytes(model), "val_loss": val_loss(model, val, ev["batch_size"],
+                                                                             ev["max_batches"])}}
+    if run.cfg["quantize"]["int8"]:
+        q = quantize_model(model, "rtn", bits=8)
+        rows["int8 (RTN per channel)"] = {"bytes": model_size_bytes(q),
+                                          "val_loss": val_loss(q, val, ev["batch_size"], ev["max_batches"])}
+    if run.cfg["quantize"]["q8_0"]:
+        q = gguf_roundtrip_model(model, "q8_0")  # exactly the weights llama.cpp computes with
+        rows["GGUF Q8_0"] = {"val_loss": val_loss(q, val, ev["batch_size"], ev["max_batches"])}
+    base = rows["fp32"]["val_loss"]
+    for r in rows.values():
+        r["val_loss_change_pct"] = 100 * (r["val_loss"] - base) / base
+    return rows
+
+
+def stage_export(run: Run) -> dict:
+    from ch01.hf_interop import save_hf
+
+    model, tok, val, ev = run.model(), run.tokenizer(), run.tokens("val"), run.cfg["eval"]
+    out = run.export_dir
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    res = {"safetensors": {"path": str(run.model_dir / "model.safetensors"),
+                           "bytes": (run.model_dir / "model.safetensors").stat().st_size}}
+    hf_dir = save_hf(model, out / "hf")
+    for f in run.tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    res["hf"] = {"path": str(hf_dir), "bytes": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))}
+    from ch08.export_onnx import export_decode, export_full, ort_session, ort_val_loss
+
+    full, decode = export_full(model, out / "onnx" / "model.onnx"), export_decode(model, out / "onnx" / "decode.onnx")
+    res["onnx"] = {"path": str(full), "decode_path": str(decode), "bytes": _onnx_bytes(full),
+                   "val_loss": ort_val_loss(ort_session(full), val, model.config.block_size, ev["batch_size"],
+                                            ev["max_batches"] or 10**9)}
+    from ch06.gguf_export import export_gguf, gguf_roundtrip_model
+
+    for qtype in ("f16", "q8_0"):
+        path = out / f"minigpt-{qtype}.gguf"
+        try:
+            export_gguf(model, tok, path, qtype, name=f"mini-gpt-{run.cfg['name']}")
+        except TypeError as e:  # the GGUF writer has no vocabulary type for this tokenizer
+            res[f"gguf_{qtype}"] = {"skipped": str(e)}
+            continue
+        res[f"gguf_{qtype}"] = {"path": str(path), "bytes": path.stat().st_size,
+                                "val_loss": val_loss(gguf_roundtrip_model(model, qtype), val, ev["batch_size"],
+                                                     ev["max_batches"])}
+    return res
+
+
+def _onnx_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.stem))
+
+
+def stage_report(run: Run) -> dict:
+    from ch10.report import write_report
+
+    path = write_report(run)
+    return {"path": str(path)}
+
+
+STAGE_FNS = {"tokenizer": stage_tokenizer, "data": stage_data, "train": stage_train, "eval": stage_eval,
+             "quantize": stage_quantize, "export": stage_export, "report": stage_report}
+
+
+def run_stage(run: Run, stage: str) -> dict:
+    """Run ``stage`` (and nothing else) unless it is up to date; returns its metrics."""
+    if run.up_to_date(stage):
+        print(f"[{stage}] up to date (use --force to redo)")
+        return run.metrics.get(stage, {})
+    upstream = STAGES[: STAGES.index(stage)]
+    missing = [s for s in upstream if s not in run._read("stages.json")]
+    if missing:
+        raise SystemExit(f"stage {stage!r} needs {', '.join(missing)} first: run `minigpt.py {missing[0]}` or `all`")
+    print(f"[{stage}] running ...")
+    t0 = time.perf_counter()
+    metrics = STAGE_FNS[stage](run)
+    metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)
+    run.done(stage, metrics)
+    print(f"[{stage}] done in {metrics['stage_seconds']} s")
+    return metrics

@@ -1,0 +1,121 @@
+"""Chapter 10: the whole pipeline on the tiny config — every artifact exists and loads in the real tool."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ch01.bpe import Tokenizer
+from ch01.model import GPT
+from ch10.config import ConfigError, load_config
+from ch10.minigpt import main
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    metrics = main(["all", "--config", "tiny", "--runs-dir", str(root), "--no-progress"])
+    return root / "tiny", metrics
+
+
+def test_every_artifact_exists(run_dir):
+    d, metrics = run_dir
+    for rel in ["tokenizer/vocab.json", "tokenizer/merges.txt", "data/train.npy", "data/val.npy",
+                "checkpoints/ckpt.safetensors", "model/model.safetensors", "model/config.json", "model/vocab.json",
+                "loss.png", "samples.txt", "metrics.json", "report.md", "exports/hf/config.json",
+                "exports/onnx/model.onnx", "exports/onnx/decode.onnx"]:
+        assert (d / rel).exists(), rel
+    assert set(metrics) >= {"tokenizer", "data", "train", "eval", "quantize", "export", "report"}
+    ev = metrics["eval"]
+    assert np.isclose(ev["perplexity"], np.exp(ev["val_loss"]))
+    assert ev["val_loss"] < np.log(300)  # learned something beyond a uniform guess over 300 BPE tokens
+    report = (d / "report.md").read_text()
+    assert f"{ev['val_loss']:.4f}" in report and "## Samples" in report
+
+
+def test_token_files_match_the_tokenizer(run_dir):
+    d, _ = run_dir
+    tok = Tokenizer.load(d / "tokenizer")
+    val = np.load(d / "data" / "val.npy", mmap_mode="r")
+    assert isinstance(val, np.memmap) and val.dtype == np.uint16
+    text = tok.decode(val[:200].tolist())
+    assert tok.encode(text) == val[:200].tolist()
+
+
+def test_hf_export_gives_same_logits(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    d, _ = run_dir
+    ours = GPT.load(d / "model").eval()
+    hf = AutoModelForCausalLM.from_pretrained(d / "exports" / "hf").eval()
+    x = torch.from_numpy(np.load(d / "data" / "val.npy")[:64].astype(np.int64))[None]
+    with torch.no_grad():
+        assert (hf(input_ids=x).logits - ours(x)).abs().max().item() < 1e-4
+
+
+def test_onnx_export_same_greedy_tokens(run_dir):
+    from ch08.export_onnx import ort_greedy, ort_session
+
+    d, _ = run_dir
+    model = GPT.load(d / "model").eval()
+    prompt = torch.from_numpy(np.load(d / "data" / "val.npy")[:10].astype(np.int64))[None]
+    ort = ort_greedy(ort_session(d / "exports" / "onnx" / "decode.onnx"), model, prompt, 20)
+    assert torch.equal(ort, model.generate(prompt, 20, temperature=0.0))
+
+
+def test_gguf_reads_back(run_dir):
+    import gguf
+
+    d, metrics = run_dir
+    path = d / "exports" / "minigpt-q8_0.gguf"
+    if "skipped" in metrics["export"].get("gguf_q8_0", {}):
+        pytest.skip(metrics["export"]["gguf_q8_0"]["skipped"])
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    model = GPT.load(d / "model")
+    assert {"token_embd.weight", "output_norm.weight"} <= names
+    assert len(names) == 2 + 1 + 9 * model.config.n_layer  # embd, output_norm, output + 9 per block
+
+
+def test_rerun_skips_up_to_date_stages(run_dir, capsys):
+    d, _ = run_dir
+    before = (d / "model" / "model.safetensors").stat().st_mtime_ns
+    main(["all", "--config", "tiny", "--runs-dir", str(d.parent), "--no-progress"])
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 7
+    assert (d / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_server_answers_through_openai_client(run_dir):
+    import openai
+
+    from ch08.serve_thread import ServerThread
+    from ch08.server import build_state, load_model
+
+    d, _ = run_dir
+    model, tok, _ = load_model(str(d / "model"))
+    state = build_state(model, tok, "minigpt", max_batch=4, shutdown_timeout=2.0)
+    with ServerThread(state) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.completions.create(model="minigpt", prompt="ROMEO:", max_tokens=12, temperature=0)
+    ids = tok.encode("ROMEO:")
+    expected = tok.decode(model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids):].tolist())
+    assert resp.choices[0].text == expected and resp.usage.completion_tokens == 12
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[model]\nn_layr = 3\n')
+    with pytest.raises(ConfigError, match="n_layr"):
+        load_config(bad)
+    bad.write_text('name = "x"\n[sample]\ntemprature = 1\n')
+    with pytest.raises(ConfigError, match="temprature"):
+        load_config(bad)
+    assert json.dumps(load_config("cpu-demo"))  # the default parses and is JSON-able
