@@ -7,7 +7,7 @@ C++ SDPA kernel does not.
 
 Run:  python 04_efficient_attention/bench_attention.py                   (CPU, N = 512 ... 8192, forward, causal)
       python 04_efficient_attention/bench_attention.py --max-n 2048      (quicker)
-      python 04_efficient_attention/flash_triton.py --bench              (CUDA GPU: Triton kernel TFLOP/s, uses
+      python 04_efficient_attention/flash_triton.py                     (on a CUDA GPU: Triton kernel TFLOP/s, via
                                                                           gpu_flash_benchmark below)
 Peak memory on CPU is the process RSS above its starting point, sampled while the call runs (common.bench.peak_memory).
 References: Dao et al. 2022 (FlashAttention), Rabe & Staats 2021 (self-attention does not need O(n^2) memory).

@@ -5,7 +5,8 @@ block of queries with an online softmax and saves only the log-sum-exp (LSE) of 
 the probabilities from that LSE instead of storing the (N, N) matrix (one kernel for dK/dV, one for dQ).
 
 Run:  python 04_efficient_attention/flash_triton.py            (no GPU: checks vs SDPA in Triton's CPU interpreter)
-      python 04_efficient_attention/flash_triton.py --bench    (CUDA GPU: also TFLOP/s vs SDPA and naive, N=512..16k)
+      On a CUDA GPU the same command also benchmarks TFLOP/s vs SDPA and naive for N=512..16k (--no-bench to skip)
+      and plots them to assets/flash_triton_gpu_tflops.png.
 
 The kernels are in triton_kernels.py. Without a CUDA GPU, importing it sets ``TRITON_INTERPRET=1`` before any kernel is
 defined, so the same kernels run on CPU tensors through Triton's interpreter (slow; small shapes only). On a CUDA machine
@@ -166,7 +167,7 @@ def check_against_sdpa(
 
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
-    p.add_argument("--bench", action="store_true", help="CUDA only: TFLOP/s vs SDPA and naive for N=512..16k")
+    p.add_argument("--no-bench", action="store_true", help="on a GPU, skip the TFLOP/s benchmark")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if INTERPRET:
@@ -190,13 +191,10 @@ def main(argv=None) -> dict:
         f"(tolerance {tol:.0e} for {args.dtype}); all ok: {all(r['ok'] for r in rows)}"
     )
     result = {"rows": rows, "interpreted": INTERPRET}
-    if args.bench:
-        if device.type != "cuda":
-            print("--bench needs a CUDA GPU; skipped.")
-        else:
-            from ch04.bench_attention import gpu_flash_benchmark
+    if device.type == "cuda" and not args.no_bench:
+        from ch04.bench_attention import gpu_flash_benchmark
 
-            result["bench"] = gpu_flash_benchmark(flash_attention, dtype=torch.float16)
+        result["bench"] = gpu_flash_benchmark(flash_attention, dtype=torch.float16)
     return result
 
 

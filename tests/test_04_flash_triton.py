@@ -146,3 +146,40 @@ def test_works_when_triton_was_imported_before_the_interpreter_was_switched_on()
     assert res.returncode == 0, res.stderr[-2000:]
     name, err = res.stdout.split()
     assert name == "InterpretedFunction" and float(err) < 1e-5
+
+
+_AOT_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"  # compiled mode, even without a GPU: we only compile, never launch
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ch04 import flash_triton as ft, triton_kernels as tk
+
+tt = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "H": "i32", "N_Q": "i32", "N_K": "i32", "HEAD_DIM": "i32"}
+for dtype, D in [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 128)]:
+    BM, BN, _ = ft._blocks(D, dtype, None)
+    meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=D, CAUSAL=True, FP32_DOT=False)
+    for fn, ptrs in [(tk.flash_fwd_kernel, ["Q", "K", "V", "Out"]),
+                     (tk.flash_bwd_dkdv_kernel, ["Q", "K", "V", "DO", "DK", "DV"]),
+                     (tk.flash_bwd_dq_kernel, ["Q", "K", "V", "DO", "DQ"])]:
+        names = fn.arg_names
+        sig = {n: tt[dtype] if n in ptrs else "*fp32" if n in ("LSE", "DELTA") else scalars.get(n, "constexpr")
+               for n in names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32))
+        assert k.metadata.shared <= 227 * 1024, (fn.__name__, dtype, D, k.metadata.shared)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Ahead-of-time compile (Triton -> PTX -> cubin for sm_90) of the GPU tile configs: catches errors the interpreter
+    cannot (types across loop-carried values, shared-memory budget) on a machine with no GPU."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, timeout=1150)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
