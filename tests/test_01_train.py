@@ -59,3 +59,18 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     assert resumed["train_losses"] == straight["train_losses"]
     for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()):
         assert torch.equal(a, b)
+
+
+def test_sample_script_greedy_matches_model_generate(tmp_path):
+    from ch01.model import GPT
+    from ch01.sample import main as sample_main
+
+    tok, tr, va = prepare_data("char")
+    mcfg, tc = _cfgs(tmp_path, 10)
+    res = train(mcfg, tc, tr, va, tokenizer=tok)
+    out = sample_main(["--model-dir", str(tmp_path / "model"), "--prompt", "ROMEO:", "--temperature", "0",
+                       "--max-new-tokens", "20"])
+    model = GPT.load(tmp_path / "model")
+    ids = model.generate(torch.tensor([tok.encode("ROMEO:")]), 20, temperature=0.0)
+    assert out["samples"] == [tok.decode(ids[0].tolist())]
+    assert torch.equal(next(model.parameters()), next(res["model"].parameters()))
