@@ -58,6 +58,7 @@ def worker(rank, world, steps, batch_size, accum, lr, seed, data_seed, bucket_ca
         out["scratch"] = train_data_parallel(
             sddp, model, scratch_batches(rank, world, steps, batch_size, cfg.block_size, data_seed, device), accum, lr
         )
+        out["scratch"]["grads_pending_at_launch"] = sddp.overlap  # > 0: all-reduce overlapped backward
         del sddp, model
     return out
 

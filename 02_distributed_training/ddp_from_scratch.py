@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch02.launch import add_launch_args, launch, rank_device
+from ch02.launch import add_launch_args, is_main_process, launch, rank_device
 from ch02.reference import (
     TokenWindows,
     global_batch,
@@ -67,6 +67,7 @@ class ScratchDDP(nn.Module):
         self.ready = [0] * len(self.buckets)
         self.in_flight: list[tuple[int, torch.Tensor, dist.Work]] = []
         self.callback_queued = False
+        self.grads_pending: list[int] = []  # per launched bucket: grads backward had still to produce (overlap)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -91,6 +92,7 @@ class ScratchDDP(nn.Module):
         if self.ready[b] == len(self.buckets[b]):  # bucket complete: start its all-reduce now, don't wait
             flat = torch.cat([q.grad.reshape(-1) for q in self.buckets[b]]) / self.world  # (n_bucket,)
             self.in_flight.append((b, flat, dist.all_reduce(flat, async_op=True)))
+            self.grads_pending.append(sum(len(bk) for bk in self.buckets) - sum(self.ready))
 
     def _finish(self) -> None:
         if len(self.in_flight) != len(self.buckets):
@@ -100,6 +102,7 @@ class ScratchDDP(nn.Module):
                 "(unused parameters are not supported by this minimal DDP)"
             )
         self.launched = [b for b, _, _ in self.in_flight]  # the order buckets went out, for the printout
+        self.overlap = list(self.grads_pending)
         for b, flat, work in self.in_flight:
             work.wait()
             offset = 0
@@ -118,14 +121,14 @@ def train_data_parallel(wrapped: nn.Module, model: nn.Module, batches, accum: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     losses, first_grads = [], {}
     for step, (x, y) in enumerate(batches):
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=x.device)  # NCCL only reduces GPU tensors
         chunks = list(zip(x.chunk(accum), y.chunk(accum)))
         for i, (mx, my) in enumerate(chunks):
             sync = i == len(chunks) - 1
             with contextlib.nullcontext() if sync else wrapped.no_sync():
                 loss = lm_loss(wrapped(mx), my) / accum  # (B/accum, T) micro-batch
                 loss.backward()
-            loss_sum += loss.detach().cpu()
+            loss_sum += loss.detach()
         if step == 0:
             first_grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
         opt.step()
@@ -165,7 +168,7 @@ def worker(
         ddp, model, scratch_batches(rank, world, steps, batch_size, cfg.block_size, data_seed, device), accum, lr
     )
     res["buckets"] = [[n for n, p in model.named_parameters() if any(p is q for q in b)] for b in ddp.buckets]
-    res["launch_order"] = ddp.launched
+    res["launch_order"], res["grads_pending_at_launch"] = ddp.launched, ddp.overlap
     del ddp, model
     return res
 
@@ -198,11 +201,15 @@ def main(argv=None) -> dict:
         (args.steps, args.batch_size, args.accum, args.lr, args.seed, 1234, args.bucket_cap_mb),
         backend=args.backend,
     )
+    if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
+        return {"results": results}
     ref = train_single(tiny_config(), args.steps, args.batch_size, args.lr, seed=args.seed)
     rows = [compare(f"scratch DDP rank {r}", res, ref) for r, res in enumerate(results)]
     print(
         f"\nbuckets (reverse order, cap {args.bucket_cap_mb} MB): "
         f"{[len(b) for b in results[0]['buckets']]} params each; all-reduce launch order {results[0]['launch_order']}"
+        f"\nparameter grads backward still had to compute when each bucket's all-reduce started (overlap): "
+        f"{results[0]['grads_pending_at_launch']} of {sum(len(b) for b in results[0]['buckets'])}"
     )
     print(markdown_table(rows, floatfmt=".2e"))
     return {"results": results, "reference": ref, "rows": rows}

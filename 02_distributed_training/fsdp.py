@@ -26,7 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, launch, rank_device
+from ch02.launch import add_launch_args, is_main_process, launch, rank_device
 from ch02.reference import (
     TokenWindows,
     global_batch,
@@ -183,6 +183,8 @@ def main(argv=None) -> dict:
         ),
         backend=args.backend,
     )
+    if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
+        return {"results": results}
     r0 = results[0]
     cfg = tiny_config() if args.preset == "tiny" else tiny_config(**_preset(args.preset))
     ref = train_single(cfg, args.steps, args.batch_size, args.lr, seed=args.seed)

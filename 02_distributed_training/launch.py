@@ -82,6 +82,18 @@ def teardown(*objects) -> None:
             dist.destroy_process_group()
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM if the launching process dies (e.g. a killed test run), instead of lingering as an orphan."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _rank_entry(rank: int, world: int, rdzv_dir: str, backend: str, fn: Callable, args: tuple, threads: int) -> None:
     """Body of one spawned rank: set the torchrun-style environment, join the group, run, report, tear down."""
     os.environ.update(
@@ -93,6 +105,7 @@ def _rank_entry(rank: int, world: int, rdzv_dir: str, backend: str, fn: Callable
         OMP_NUM_THREADS=str(threads),
     )  # read by accelerate & friends
     torch.set_num_threads(threads)  # 2 ranks on 2 cores: one thread each, or they fight over the cores
+    _die_with_parent()
     out = Path(rdzv_dir)
     try:
         dist.init_process_group(
@@ -142,7 +155,7 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="ch02-launch-") as tmp:
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_rank_entry, args=(r, nproc, tmp, backend, fn, args, threads), daemon=False)
+            ctx.Process(target=_rank_entry, args=(r, nproc, tmp, backend, fn, args, threads), daemon=True)
             for r in range(nproc)
         ]
         for p in procs:

@@ -26,11 +26,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ch01.functional import rope_cache
 from ch01.model import GPT
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, launch, rank_device
+from ch02.launch import add_launch_args, is_main_process, launch, rank_device
 from ch02.reference import TokenWindows, global_batch, make_model, max_abs_diff, tiny_config, train_tokens
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
-from common.plot import assets_dir, line_plot
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -123,7 +122,9 @@ def grads_worker(rank, world, batch_size, n_micro, seed, data_seed) -> dict:
             "loss": torch.stack(losses).mean().item() if losses else None,
         }
         del schedule, stage
-    return out
+    stages: list = [None] * world
+    dist.all_gather_object(stages, out)  # every rank gets every stage's grads (so torchrun's rank 0 can check)
+    return {"stages": stages}
 
 
 def bubble_worker(rank, world, preset, micro_bs, micros, reps, seed, cost_ms) -> list[dict]:
@@ -172,7 +173,9 @@ def bubble_worker(rank, world, preset, micro_bs, micros, reps, seed, cost_ms) ->
                 }
             )
             del schedule, stage
-    return rows
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, rows)
+    return {"ranks": ranks}
 
 
 def main(argv=None) -> dict:
@@ -196,6 +199,17 @@ def main(argv=None) -> dict:
     if args.batch_size % args.n_micro:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --n-micro {args.n_micro}")
     results = launch(grads_worker, args.nproc, (args.batch_size, args.n_micro, args.seed, 1234), backend=args.backend)
+    per_rank = None
+    if not args.no_bubble:  # every rank must take part (under torchrun all of them run main())
+        per_rank = launch(
+            bubble_worker,
+            args.nproc,
+            (args.preset, args.micro_batch_size, args.micro, args.reps, args.seed, args.stage_cost_ms),
+            backend=args.backend,
+        )[0]["ranks"]
+    if not is_main_process():  # rank 0 reports
+        return {"results": results}
+    stages = results[0]["stages"]  # per stage: {schedule: {"grads", "loss"}}
     ref_model = make_model(tiny_config(), args.seed)
     x, y = global_batch(TokenWindows(train_tokens(), ref_model.config.block_size), 0, args.batch_size, 1234)
     ref_loss = ref_model.loss(x, y)
@@ -203,24 +217,20 @@ def main(argv=None) -> dict:
     ref = {n: p.grad for n, p in ref_model.named_parameters()}
     rows = []
     for name in SCHEDULES:
-        grads = {k: v for res in results for k, v in res[name]["grads"].items()}  # stages' grads together
+        grads = {k: v for res in stages for k, v in res[name]["grads"].items()}  # stages' grads together
         rows.append(
             {
                 "schedule": name,
                 "m": args.n_micro,
                 "max |Δ grad| vs one process": max_abs_diff(grads, ref),
-                "|Δ loss|": abs(results[-1][name]["loss"] - ref_loss.item()),
+                "|Δ loss|": abs(stages[-1][name]["loss"] - ref_loss.item()),
             }
         )
     print(markdown_table(rows, floatfmt=".2e"))
-    out = {"results": results, "rows": rows}
-    if not args.no_bubble:
-        per_rank = launch(
-            bubble_worker,
-            args.nproc,
-            (args.preset, args.micro_batch_size, args.micro, args.reps, args.seed, args.stage_cost_ms),
-            backend=args.backend,
-        )
+    out = {"stages": stages, "rows": rows}
+    if per_rank is not None:
+        from common.plot import assets_dir, line_plot  # matplotlib: only the parent needs it
+
         bubble = []
         for i, r0 in enumerate(per_rank[0]):
             b = statistics.mean(rank_rows[i]["bubble"] for rank_rows in per_rank)

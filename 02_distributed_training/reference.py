@@ -16,19 +16,21 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ch01.char_tokenizer import CharTokenizer
 from ch01.model import GPT, GPTConfig
-from ch01.train import prepare_data
 from common.bench import markdown_table
 from common.cli import base_parser
+from common.data import load_shakespeare, train_val_split
 
 _TOKENS: dict[str, torch.Tensor] = {}
 
 
 def train_tokens() -> torch.Tensor:
     """Char-level tiny-shakespeare training ids (int64), encoded once per process."""
-    if "train" not in _TOKENS:
-        _, train_ids, _ = prepare_data("char")
-        _TOKENS["train"] = train_ids
+    if "train" not in _TOKENS:  # = ch01.train.prepare_data("char")[1], without importing the trainer (and
+        text = load_shakespeare()  # matplotlib) into every spawned rank
+        ids = torch.from_numpy(CharTokenizer.from_text(text).encode_array(text).astype("int64"))
+        _TOKENS["train"] = train_val_split(ids)[0]
     return _TOKENS["train"]
 
 

@@ -60,6 +60,8 @@ def test_scratch_ddp_equals_torch_ddp_equals_single_process():
     scratch_vs_torch = out["rows"][-1]
     assert scratch_vs_torch["max |Δ grad| step 0"] <= GRAD_TOL
     r0 = out["results"][0]["scratch"]
+    pending = r0["grads_pending_at_launch"]  # bucketed all-reduces start while backward is still running
+    assert len(pending) > 1 and pending[0] > 0 and pending == sorted(pending, reverse=True)
     assert torch.allclose(r0["params"]["tok_emb.weight"], out["results"][1]["scratch"]["params"]["tok_emb.weight"])
 
 
@@ -93,7 +95,7 @@ def test_gpipe_and_1f1b_gradients_equal_single_process():
         assert row["|Δ loss|"] <= LOSS_TOL, row
     # each rank holds one stage: the stage sizes are what memory_calculator's PP row uses
     counts = memory_calculator.gpt_counts(tiny_config(), pp=2)
-    stage_sizes = [sum(g.numel() for g in res["gpipe"]["grads"].values()) for res in out["results"]]
+    stage_sizes = [sum(g.numel() for g in res["gpipe"]["grads"].values()) for res in out["stages"]]
     assert stage_sizes == counts.stages
 
 
