@@ -9,12 +9,15 @@ Run:  python 04_efficient_attention/bench_attention.py                   (CPU, N
       python 04_efficient_attention/bench_attention.py --max-n 2048      (quicker)
       python 04_efficient_attention/flash_triton.py                     (on a CUDA GPU: Triton kernel TFLOP/s, via
                                                                           gpu_flash_benchmark below)
-Peak memory on CPU is the process RSS above its starting point, sampled while the call runs (common.bench.peak_memory).
+Peak memory on CPU is the process RSS above its starting point, sampled while the call runs (common.bench.peak_memory),
+after handing freed heap pages back to the OS (release_free_memory) so reused pages do not hide allocations.
 References: Dao et al. 2022 (FlashAttention), Rabe & Staats 2021 (self-attention does not need O(n^2) memory).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 
 import torch
@@ -27,6 +30,19 @@ from common.cli import base_parser
 from common.device import parse_dtype, pick_device
 from common.plot import assets_dir, line_plot
 from common.seed import seed_everything
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so the next call's RSS growth shows its real allocations.
+
+    Without this, an allocation can reuse pages that an earlier, bigger call freed but the allocator kept: RSS does not
+    grow and a small working set reads as 0 MiB. No-op where glibc is not available."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def attention_flops(B: int, H: int, N: int, D: int, causal: bool, backward: bool = False) -> float:
@@ -46,7 +62,7 @@ def cpu_benchmark(ns, B=1, H=2, D=64, causal=True, block=256, dtype=torch.float3
         }
         row = {"N": N}
         for name, fn in impls.items():
-            gc.collect()
+            release_free_memory()
             row[f"{name}_MiB"] = peak_memory(fn, device=device) / 2**20
             row[f"{name}_ms"] = timeit(fn, warmup=1, repeats=repeats, device=device).median * 1e3
         row["mem_ratio_naive/tiled"] = row["naive_MiB"] / max(row["tiled_MiB"], 1.0)  # floor: RSS noise is ~1 MiB

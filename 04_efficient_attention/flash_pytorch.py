@@ -144,6 +144,8 @@ def flash_pytorch_attention(q, k, v, *, causal: bool, attn_mask=None, dropout_p:
 
 
 def main(argv=None) -> dict:
+    from ch04.bench_attention import release_free_memory  # bench_attention imports this module: import here
+
     p = base_parser(__doc__)
     p.add_argument("--seq-len", type=int, default=1024, help="N for the time/memory comparison")
     p.add_argument("--head-dim", type=int, default=64)
@@ -173,6 +175,7 @@ def main(argv=None) -> dict:
         ("torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
     ]:
         t = timeit(fn, warmup=1, repeats=3, device=device)
+        release_free_memory()
         mem = peak_memory(fn, device=device)
         perf.append({"impl": name, "ms": t.median * 1e3, "peak_MiB": mem / 2**20})
     print(
