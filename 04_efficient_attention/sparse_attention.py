@@ -191,7 +191,11 @@ def window_training(windows, iters: int, preset: str = "tiny", device: str = "cp
         )
         res = train(cfg, tc, train_ids, val_ids)
         rows.append(
-            {"window": w, "val_loss": val_loss(res["model"], val_ids, max_batches=10), "tokens/s": res["tokens_per_s"]}
+            {
+                "window": w,
+                "val_loss": val_loss(res["model"], val_ids, max_batches=10),
+                "tokens/s": round(res["tokens_per_s"]),
+            }
         )
         print(f"window {w}: val loss {rows[-1]['val_loss']:.4f}", flush=True)
     return rows
