@@ -61,7 +61,7 @@ def train_model(
         opt.zero_grad(set_to_none=True)
         train_time += time.perf_counter() - t0
         history["train_losses"].append(ce.item())
-        history["aux_losses"].append(float(aux))
+        history["aux_losses"].append(float(aux.detach()))
         if on_step is not None:
             on_step(it, model)
         if (it + 1) % tc.log_interval == 0:

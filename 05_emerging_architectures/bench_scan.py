@@ -1,0 +1,129 @@
+"""Parallel (chunked) scan vs the sequential loop for Mamba's selective scan, over sequence lengths L = 256 … 4096.
+
+Times the whole ``selective_scan`` (discretisation, scan, readout C·h) for one sequence, forward only (inference /
+prefill) and forward + backward (training), for the sequential loop and both chunked parallel variants of scan.py.
+Reports wall-clock medians and, because the machine may be shared, also CPU time per call (``time.process_time``),
+which other jobs disturb much less.
+
+    python 05_emerging_architectures/bench_scan.py                              # L = 256 … 4096, E=128, N=16
+    python 05_emerging_architectures/bench_scan.py --lengths 512 2048 --d-inner 256
+
+Reference: Blelloch 1990 (prefix sums); Gu & Dao 2023 (Mamba, hardware-aware scan); alxndrTL/mamba.py (pscan).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from functools import partial
+
+import torch
+
+from ch05.scan import parallel_scan, selective_scan, sequential_scan
+from common.bench import hardware_info, markdown_table
+from common.cli import base_parser
+from common.plot import assets_dir, line_plot
+
+VARIANTS = {
+    "sequential": sequential_scan,
+    "parallel (chunked, stepped)": partial(parallel_scan, inner="stepped"),
+    "parallel (chunked, Hillis-Steele)": partial(parallel_scan, inner="hillis-steele"),
+}
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) over ``repeats`` calls after one warm-up call."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def inputs(L: int, E: int, N: int, seed: int = 0, requires_grad: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    u, B, C = torch.randn(1, L, E, generator=g), torch.randn(1, L, N, generator=g), torch.randn(1, L, N, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(1, L, E, generator=g) - 3)  # Δ ≈ 0.05, as at Mamba's init
+    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)  # S4D-real init
+    D = torch.ones(E)
+    return [t.requires_grad_(requires_grad) for t in (u, delta, A, B, C, D)]
+
+
+def run_case(L: int, E: int, N: int, variant: str, backward: bool, repeats: int) -> tuple[float, float]:
+    args = inputs(L, E, N, requires_grad=backward)
+    scan = VARIANTS[variant]
+
+    def fn():
+        if backward:
+            selective_scan(*args, scan=scan).sum().backward()
+        else:
+            with torch.no_grad():
+                selective_scan(*args, scan=scan)
+
+    return _time(fn, repeats)
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--d-inner", type=int, default=128, help="E: channels (expand · d_model)")
+    p.add_argument("--d-state", type=int, default=16, help="N: state size per channel")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-seq-backward", type=int, default=2048, help="skip the sequential fwd+bwd beyond this L")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    check = inputs(300, 8, 4)  # the variants must agree before they are timed
+    ref = selective_scan(*check, scan=sequential_scan)
+    for variant, scan in VARIANTS.items():
+        err = (selective_scan(*check, scan=scan) - ref).abs().max().item()
+        if err > 1e-5:
+            raise RuntimeError(f"{variant} disagrees with the sequential scan by {err:.2e}")
+    rows = []
+    for mode, backward in (("forward", False), ("fwd+bwd", True)):
+        for L in args.lengths:
+            row = {"pass": mode, "L": L}
+            times = {}
+            for variant in VARIANTS:
+                if backward and variant == "sequential" and L > args.max_seq_backward:
+                    continue
+                times[variant] = run_case(L, args.d_inner, args.d_state, variant, backward, args.repeats)
+                row[f"{variant} ms"] = times[variant][0] * 1e3
+            seq = times.get("sequential")
+            par = times["parallel (chunked, stepped)"]
+            row["speed-up (wall)"] = seq[0] / par[0] if seq else float("nan")
+            row["speed-up (CPU time)"] = seq[1] / par[1] if seq else float("nan")
+            rows.append(row)
+            print(f"{mode} L={L}: {row}", flush=True)
+    print(
+        f"\n{hardware_info()}\nselective scan, batch 1, E={args.d_inner}, N={args.d_state}, float32; "
+        f"medians of {args.repeats}\n{markdown_table(rows, floatfmt='.2f')}"
+    )
+    plot = None
+    if not args.no_plot:
+        series = {
+            f"{m}: {v}": (
+                [r["L"] for r in rows if r["pass"] == m and f"{v} ms" in r],
+                [r[f"{v} ms"] for r in rows if r["pass"] == m and f"{v} ms" in r],
+            )
+            for m in ("forward", "fwd+bwd")
+            for v in ("sequential", "parallel (chunked, stepped)")
+        }
+        plot = line_plot(
+            series,
+            assets_dir(__file__) / "bench_scan.png",
+            title="selective scan: sequential vs parallel",
+            xlabel="sequence length L",
+            ylabel="ms (median)",
+            logx=True,
+            logy=True,
+        )
+        print(f"plot: {plot}")
+    return {"rows": rows, "plot": str(plot) if plot else None}
+
+
+if __name__ == "__main__":
+    main()
