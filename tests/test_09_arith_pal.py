@@ -88,3 +88,16 @@ def test_finetune_learns_and_batched_greedy_matches_unbatched_generate():
         ids = torch.tensor([tok.encode(prompt + ">")])
         ref = tok.decode(model.generate(ids, 12, temperature=0)[0, ids.shape[1] :].tolist()).split("|")[0]
         assert out == ref
+
+
+def test_pal_scoring_runs_programs_in_the_sandbox(monkeypatch):
+    import ch09.pal as pal
+
+    probs = make_problems(4, seed=9)
+    outputs = [probs[0].expression, "import os\nanswer=1", "answer=1/0", f"answer={probs[3].answer}"]
+    monkeypatch.setattr(pal, "greedy_complete", lambda model, tok, prompts, max_new: outputs)
+    ev = pal.evaluate(None, None, probs, "pal", max_new_tokens=8)
+    assert ev["correct"] == [True, False, False, True] and ev["accuracy"] == 0.5 and ev["valid"] == 0.5
+    monkeypatch.setattr(pal, "greedy_complete", lambda model, tok, prompts, max_new: [str(probs[0].answer), "x"] * 2)
+    ev = pal.evaluate(None, None, probs, "direct", max_new_tokens=8)
+    assert ev["correct"][0] and not any(ev["correct"][1:2]) and ev["valid"] == 0.5
