@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
         q_path = quantize_int8(full_path, out / "model.int8.onnx")
         fp32_loss, ort_loss = val_loss(model, val_ids), ort_val_loss(full, val_ids, model.config.block_size)
         int8_loss = ort_val_loss(ort_session(q_path), val_ids, model.config.block_size)
-        size = lambda p: Path(p).stat().st_size / 2**20
+        # the dynamo exporter stores weights as external data (model.onnx.data next to model.onnx): count both
+        size = lambda p: sum(f.stat().st_size for f in (Path(p), Path(f"{p}.data")) if f.exists()) / 2**20
         rows += [
             {
                 "check": "val loss torch fp32 / ORT fp32 / ORT int8",
