@@ -14,6 +14,7 @@ Extensions" tutorial.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -43,15 +44,25 @@ def nvcc_compile(out_obj: Path, arch: str | None = None, timeout: float = 600) -
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def _cuda_include() -> Path:
+    """The CUDA toolkit's include folder (for cuda_runtime.h): $CUDA_HOME, $CUDA_PATH, next to nvcc, /usr/local/cuda."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    candidates += [str(Path(nvcc).resolve().parent.parent)] if nvcc else []
+    for root in filter(None, candidates):
+        if (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root) / "include"
+    raise RuntimeError("cannot find the CUDA toolkit headers (cuda_runtime.h); set CUDA_HOME")
+
+
 def binding_syntax_check(timeout: float = 900) -> subprocess.CompletedProcess:
     """Compile-check torch_binding.cpp against the installed torch headers (works with a CPU-only torch too)."""
     from torch.utils.cpp_extension import include_paths
 
-    cxx, nvcc = shutil.which("g++") or shutil.which("c++"), shutil.which("nvcc")
-    if cxx is None or nvcc is None:
-        raise RuntimeError("need a C++ compiler and the CUDA toolkit (nvcc) for cuda_runtime.h")
-    cuda_include = Path(nvcc).resolve().parent.parent / "include"
-    includes = [*include_paths(), str(cuda_include), sysconfig.get_paths()["include"], str(CUDA_DIR)]
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("need a C++ compiler (g++) to check the binding")
+    includes = [*include_paths(), str(_cuda_include()), sysconfig.get_paths()["include"], str(CUDA_DIR)]
     cmd = [
         cxx,
         "-std=c++20",
