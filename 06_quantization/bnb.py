@@ -69,6 +69,11 @@ def load_bnb(model: GPT, mode: str, hf_dir: str | None = None):
         directory = hf_dir or tmp
         save_hf(model, directory)
         hf = AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb_config(mode), device_map="cpu")
+    for m in hf.modules():
+        # bitsandbytes 0.50's AVX512-bf16 CPU repacking assumes in_features is a multiple of the 4-bit block size
+        # (64) and crashes otherwise (our small model's down_proj has 352 inputs); such layers take the generic path
+        if type(m).__name__ == "Linear4bit" and m.in_features % m.weight.quant_state.blocksize:
+            m.support_avx512bf16_for_cpu = False
     return hf.eval()
 
 
