@@ -60,11 +60,14 @@ def build_models(cfg: GPTConfig, seed: int) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model: torch.nn.Module, n_tokens: int, batch_size: int = 1, device="cpu") -> float:
-    """Greedy decoding speed with a KV cache (GPT family) or the recurrent state (Mamba), from a 1-token prompt."""
+def decode_tokens_per_s(
+    model: torch.nn.Module, n_tokens: int, batch_size: int = 1, device="cpu"
+) -> tuple[float, float]:
+    """Greedy decoding speed with a KV cache (GPT family) or the recurrent state (Mamba), from a 1-token prompt.
+    Returns (tokens per wall second, tokens per CPU second)."""
     model.eval()
     prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if isinstance(model, MambaLM):
         model.generate(prompt, n_tokens, temperature=0)
     else:
@@ -73,7 +76,8 @@ def decode_tokens_per_s(model: torch.nn.Module, n_tokens: int, batch_size: int =
         for pos in range(1, n_tokens + 1):
             nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
             logits = model(nxt, kv_cache=cache, start_pos=pos)[:, -1]
-    return n_tokens * batch_size / (time.perf_counter() - t0)
+    n = n_tokens * batch_size
+    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
 
 
 def active_params(model) -> int:

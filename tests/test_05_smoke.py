@@ -65,7 +65,7 @@ def test_subclasses_keep_kv_cache_decoding(name):
             out.append(nxt)
             logits = model(nxt, kv_cache=cache, start_pos=pos)[:, -1]
     assert torch.equal(torch.cat(out, 1), plain)
-    assert decode_tokens_per_s(model, 4) > 0
+    assert min(decode_tokens_per_s(model, 4)) > 0
 
 
 def test_bench_scan_main_runs_and_variants_agree():
