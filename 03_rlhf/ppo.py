@@ -41,20 +41,20 @@ from common.seed import seed_everything
 
 @dataclass
 class PPOConfig:
-    iters: int = 40  # PPO iterations (rollout + update)
-    batch_size: int = 64  # rollouts per iteration
-    minibatch_size: int = 16
+    iters: int = 30  # PPO iterations (rollout + update)
+    batch_size: int = 32  # rollouts per iteration
+    minibatch_size: int = 8
     ppo_epochs: int = 4
-    lr: float = 5e-5
+    lr: float = 1e-4
     clip_eps: float = 0.2  # policy ratio clip
     vf_clip: float = 0.2  # value clip (in reward units)
     vf_coef: float = 0.1
     ent_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    init_kl_coef: float = 0.05  # β at the start
-    target_kl: float | None = 4.0  # nats per response; None = fixed β
-    kl_horizon: int = 640  # in rollouts; Ziegler used 10 000 for runs of ~100 000 episodes
+    init_kl_coef: float = 0.2  # β at the start
+    target_kl: float | None = 3.0  # nats per response; None = fixed β
+    kl_horizon: int = 160  # in rollouts; Ziegler used 10 000 for runs of ~100 000 episodes
     prompt_len: int = 16
     response_len: int = 40
     temperature: float = 1.0
