@@ -17,12 +17,13 @@ Reference: Hugging Face Accelerate docs ("Launching your distributed code", "Qui
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from ch01.functional import cosine_lr
 from ch01.train import TrainConfig, make_optimizer
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, launch, under_torchrun
+from ch02.launch import add_launch_args, backend_for, launch, under_torchrun
 from ch02.reference import TokenWindows, epoch_order, make_model, max_abs_diff, tiny_config, train_tokens
 from common.bench import markdown_table
 from common.cli import base_parser
@@ -76,8 +77,8 @@ def train_plain(steps, batch_size, lr, seed, data_seed) -> dict:
 def worker(rank, world, steps, batch_size, lr, seed, data_seed) -> dict:
     from accelerate import Accelerator, DataLoaderConfiguration
 
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True)
+    accelerator = Accelerator(  # cpu=True with gloo: accelerate reuses our process group as MULTI_CPU
+        cpu=dist.get_backend() == "gloo", dataloader_config=DataLoaderConfiguration(split_batches=True)
     )
     cfg, tc = tiny_config(), train_config(steps, batch_size, lr, seed)
     model = make_model(cfg, seed)
@@ -113,7 +114,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size % args.nproc:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --nproc {args.nproc}")
-    results = launch(worker, args.nproc, (args.steps, args.batch_size, args.lr, args.seed, 1234), backend=args.backend)
+    results = launch(
+        worker, args.nproc, (args.steps, args.batch_size, args.lr, args.seed, 1234), backend=backend_for(args)
+    )
     if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
         return {"results": results}
     ref = train_plain(args.steps, args.batch_size, args.lr, args.seed, 1234)

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ch02.ddp_from_scratch import ScratchDDP, compare, scratch_batches, train_data_parallel
-from ch02.launch import add_launch_args, launch, rank_device, under_torchrun
+from ch02.launch import add_launch_args, backend_for, launch, rank_device, under_torchrun
 from ch02.reference import TokenWindows, make_model, tiny_config, train_single, train_tokens
 from common.bench import markdown_table
 from common.cli import base_parser
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
         worker,
         args.nproc,
         (args.steps, args.batch_size, args.accum, args.lr, args.seed, 1234, args.bucket_cap_mb, not args.no_scratch),
-        backend=args.backend,
+        backend=backend_for(args),
     )
     if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
         return {"results": results}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch02.launch import add_launch_args, is_main_process, launch, rank_device
+from ch02.launch import add_launch_args, backend_for, is_main_process, launch, rank_device
 from ch02.reference import (
     TokenWindows,
     global_batch,
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
         worker,
         args.nproc,
         (args.steps, args.batch_size, args.accum, args.lr, args.seed, 1234, args.bucket_cap_mb),
-        backend=args.backend,
+        backend=backend_for(args),
     )
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}

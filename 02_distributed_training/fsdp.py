@@ -26,7 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, is_main_process, launch, rank_device
+from ch02.launch import add_launch_args, backend_for, is_main_process, launch, rank_device
 from ch02.reference import (
     TokenWindows,
     global_batch,
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
             args.cpu_offload,
             args.preset,
         ),
-        backend=args.backend,
+        backend=backend_for(args),
     )
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}

@@ -201,6 +201,13 @@ def add_launch_args(parser) -> None:
     parser.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with GPUs, else gloo")
 
 
+def backend_for(args) -> str:
+    """--backend if given, else from --device: nccl for cuda/auto-with-GPUs, gloo for cpu."""
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise SystemExit("--backend nccl needs CUDA GPUs; this machine has none (use gloo)")
+    return args.backend or pick_backend(args.device)
+
+
 def is_main_process() -> bool:
     """True in the process that prints results: rank 0 under torchrun, the parent when we spawn."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -9,7 +9,7 @@ at most p micro-batches of activations instead of m.
 
 Uses ``torch.distributed.pipelining`` (PipelineStage, ScheduleGPipe, Schedule1F1B) on our own 2-stage split of the
 ch01 GPT. The bubble is measured as 1 - m·t_mb / t_step: t_mb is one stage's forward+backward on one micro-batch
-alone, t_step the whole pipelined step.
+alone, t_step the whole pipelined step (until the last stage is done), averaged over the stages.
 References: Huang et al. 2019 (GPipe); Narayanan et al. 2019/2021 (PipeDream 1F1B, Megatron-LM).
 """
 
@@ -26,7 +26,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ch01.functional import rope_cache
 from ch01.model import GPT
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, is_main_process, launch, rank_device
+from ch02.launch import add_launch_args, backend_for, is_main_process, launch, rank_device
 from ch02.reference import TokenWindows, global_batch, make_model, max_abs_diff, tiny_config, train_tokens
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
@@ -169,7 +169,6 @@ def bubble_worker(rank, world, preset, micro_bs, micros, reps, seed, cost_ms) ->
                     "rank": rank,
                     "t_step_ms": t_step * 1e3,
                     "t_mb_ms": t_mb * 1e3,
-                    "bubble": max(0.0, 1 - m * t_mb / t_step),
                 }
             )
             del schedule, stage
@@ -184,13 +183,13 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="global batch for the gradient check")
     p.add_argument("--n-micro", type=int, default=4, help="micro-batches for the gradient check")
     p.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8], help="m values for the bubble measurement")
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model for the bubble timing")
     p.add_argument(
         "--stage-cost-ms",
         type=float,
-        default=20.0,
+        default=50.0,
         help="simulated forward ms per stage per micro-batch (backward 2×) for the bubble timing; "
         "0 = real compute only (noisy when the ranks share busy cores)",
     )
@@ -198,14 +197,16 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size % args.n_micro:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --n-micro {args.n_micro}")
-    results = launch(grads_worker, args.nproc, (args.batch_size, args.n_micro, args.seed, 1234), backend=args.backend)
+    results = launch(
+        grads_worker, args.nproc, (args.batch_size, args.n_micro, args.seed, 1234), backend=backend_for(args)
+    )
     per_rank = None
     if not args.no_bubble:  # every rank must take part (under torchrun all of them run main())
         per_rank = launch(
             bubble_worker,
             args.nproc,
             (args.preset, args.micro_batch_size, args.micro, args.reps, args.seed, args.stage_cost_ms),
-            backend=args.backend,
+            backend=backend_for(args),
         )[0]["ranks"]
     if not is_main_process():  # rank 0 reports
         return {"results": results}
@@ -233,13 +234,15 @@ def main(argv=None) -> dict:
 
         bubble = []
         for i, r0 in enumerate(per_rank[0]):
-            b = statistics.mean(rank_rows[i]["bubble"] for rank_rows in per_rank)
+            # the step ends when the LAST stage finishes (then the optimizer steps): idle = 1 - busy / that time
+            t_step = max(rank_rows[i]["t_step_ms"] for rank_rows in per_rank)
+            b = statistics.mean(1 - r0["m"] * rank_rows[i]["t_mb_ms"] / t_step for rank_rows in per_rank)
             theory = (args.nproc - 1) / (r0["m"] + args.nproc - 1)
             bubble.append(
                 {
                     "schedule": r0["schedule"],
                     "m": r0["m"],
-                    "t_step_ms": r0["t_step_ms"],
+                    "t_step_ms": t_step,
                     "t_mb_ms (stage 0)": r0["t_mb_ms"],
                     "measured bubble": b,
                     "(p-1)/(m+p-1)": theory,

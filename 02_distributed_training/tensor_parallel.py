@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ch01.model import GPT, GPTConfig
-from ch02.launch import add_launch_args, is_main_process, launch, rank_device
+from ch02.launch import add_launch_args, backend_for, is_main_process, launch, rank_device
 from ch02.reference import TokenWindows, global_batch, make_model, max_abs_diff, tiny_config, train_tokens
 from common.bench import markdown_table
 from common.cli import base_parser
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     add_launch_args(p)
     p.add_argument("--batch-size", type=int, default=4)
     args = p.parse_args(argv)
-    results = launch(worker, args.nproc, (args.batch_size, args.seed, 1234), backend=args.backend)
+    results = launch(worker, args.nproc, (args.batch_size, args.seed, 1234), backend=backend_for(args))
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}
     ref_model = make_model(tiny_config(), args.seed)
