@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ch01.model import GPT
+from ch01.model import GPT, register_attention
 from common.bench import markdown_table
 from common.cli import base_parser
 from common.data import cache_dir
@@ -63,17 +64,22 @@ class DecodeGraph(torch.nn.Module):
         return (logits, *present)
 
 
+@register_attention("sdpa_export")
+def sdpa_export(q, k, v, *, causal, attn_mask=None, dropout_p: float = 0.0):
+    """SDPA for tracing: ``bool(causal)`` turns the model's symbolic ``T > 1`` into a guard that the export's
+    ``Dim("seq", min=2)`` already proves, so the graph keeps SDPA's causal path instead of an explicit mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=bool(causal), dropout_p=dropout_p)
+
+
 class FullGraph(torch.nn.Module):
-    """input_ids -> logits. An all-ones padding mask makes the model build an explicit causal mask: with a symbolic
-    sequence length, the ``is_causal=T > 1`` fast path is a SymBool that torch.export cannot pass to SDPA."""
+    """input_ids -> logits (B, T, V); traced with ``sdpa_export`` in place of ch01's "sdpa" (same math)."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones_like(input_ids, dtype=torch.bool)  # (B, T)
-        return self.model(input_ids, key_padding_mask=mask)  # (B, T, V)
+        return self.model(input_ids)  # (B, T, V)
 
 
 def past_names(n_layer: int, prefix: str) -> list[str]:
@@ -94,18 +100,24 @@ def export_full(model: GPT, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     T = model.config.block_size
     example = torch.zeros(2, min(8, T), dtype=torch.long)
-    shapes = {"input_ids": {0: Dim("batch", max=4096), 1: Dim("seq", max=T)}}
-    torch.onnx.export(
-        FullGraph(model).eval(),
-        (example,),
-        str(path),
-        dynamo=True,
-        dynamic_shapes=shapes,
-        opset_version=OPSET,
-        input_names=["input_ids"],
-        output_names=["logits"],
-        verbose=False,
-    )
+    shapes = {"input_ids": {0: Dim("batch", max=4096), 1: Dim("seq", min=2, max=T)}}
+    impl = model.config.attn_impl
+    if impl == "sdpa":
+        model.config.attn_impl = "sdpa_export"
+    try:
+        torch.onnx.export(
+            FullGraph(model).eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes=shapes,
+            opset_version=OPSET,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            verbose=False,
+        )
+    finally:
+        model.config.attn_impl = impl
     return path
 
 
