@@ -210,11 +210,19 @@ def export_gguf(model: GPT, tok: CharTokenizer, path: str | Path, qtype: str = "
     return path
 
 
+def _q8_0_activations(module, inputs):
+    """llama.cpp's CPU matmul for Q8_0/Q4_0 weights first quantizes the activations to Q8_0 blocks as well."""
+    x = inputs[0]
+    return (dequantize_q8_0(quantize_q8_0(x.reshape(-1, x.shape[-1])), x.shape).to(x.dtype),)
+
+
 @torch.no_grad()
-def gguf_roundtrip_model(model: GPT, qtype: str) -> GPT:
+def gguf_roundtrip_model(model: GPT, qtype: str, quantize_activations: bool = False) -> GPT:
     """A copy of ``model`` whose weights went through exactly the storage type each gets in the GGUF file — what
     llama.cpp computes with — so its val loss is the file's val loss (activations stay fp32 here).
 
+    ``quantize_activations`` also rounds every quantized layer's input to Q8_0, as llama.cpp's CPU kernels do
+    (``vec_dot_type`` of Q8_0 and Q4_0 is Q8_0), to reproduce its logits rather than the weights' effect alone.
     The q/k row permutation can be ignored: blocks run along a row (the input dimension) and the permutation only
     reorders whole rows, so quantizing then permuting equals permuting then quantizing.
     """
@@ -228,18 +236,27 @@ def gguf_roundtrip_model(model: GPT, qtype: str) -> GPT:
         elif t in QUANTIZERS:
             quant, dequant = QUANTIZERS[t]
             w.copy_(dequant(quant(w.float()), w.shape))
+    if quantize_activations and qtype in QUANTIZERS:
+        for name, m in out.named_modules():
+            if isinstance(m, torch.nn.Linear) and tensor_qtype(name, m.weight, qtype) in QUANTIZERS:
+                m.register_forward_pre_hook(_q8_0_activations)
     return out
 
 
 # ------------------------------------------------------------------------------- running the file in llama.cpp
 
 
-def load_llama_cpp(path: str | Path, n_ctx: int, n_threads: int | None = None):
-    """``llama_cpp.Llama`` on the GGUF file with logits kept for every position (``scores``); None if not installed."""
+def load_llama_cpp(path: str | Path, n_ctx: int, n_threads: int | None = None, f32_kv_cache: bool = True):
+    """``llama_cpp.Llama`` on the GGUF file with logits kept for every position (``scores``); None if not installed.
+
+    llama.cpp stores K/V in fp16 by default, which alone moves our logits by ~5e-4; an fp32 cache isolates the
+    weight format (an F32 file then matches our torch model to ~2e-6).
+    """
     try:
         import llama_cpp
     except ImportError:
         return None
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv_cache else {}
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
@@ -248,6 +265,7 @@ def load_llama_cpp(path: str | Path, n_ctx: int, n_threads: int | None = None):
         n_threads=n_threads,
         n_threads_batch=n_threads,
         seed=0,
+        **kv,
     )
 
 
