@@ -14,6 +14,7 @@ References: see the chapter README (Fedus 2021, Jiang 2024, Gu & Dao 2023, Liu 2
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,7 @@ def main(argv=None) -> dict:
         print(f"training {name} ({model.num_params():,} params) ...", flush=True)
         res = train_model(model, train_ids, val_ids, tc, device)
         curves[name] = ([v[0] for v in res["val"]], [v[1] for v in res["val"]])
+        decode_wall, decode_cpu = decode_tokens_per_s(model, cfg.block_size - 1, device=device)
         rows.append(
             {
                 "model": name,
@@ -121,18 +123,25 @@ def main(argv=None) -> dict:
                 "params active": f"{active_params(model):,}",
                 "val loss": val_loss(model, val_ids.to(device), max_batches=10),
                 "train tokens/s": res["tokens_per_s"],
-                "decode tokens/s": decode_tokens_per_s(model, cfg.block_size - 1, device=device),
+                "train tokens/CPU-s": res["tokens_per_cpu_s"],
+                "decode tokens/s": decode_wall,
+                "decode tokens/CPU-s": decode_cpu,
             }
         )
-    table = markdown_table(rows, floatfmt=".3f")
+    shown = [
+        {k: (f"{v:.3f}" if k == "val loss" else f"{v:,.0f}") if isinstance(v, float) else v for k, v in r.items()}
+        for r in rows
+    ]
+    table = markdown_table(shown)
     print(
         f"\n{hardware_info(device)}; machine shared with other jobs (throughputs are noisy)\n"
         f"{args.preset} preset, {args.iters} steps × {args.batch_size} × {cfg.block_size} tokens, same batches:\n"
         f"{table}"
     )
+    plot_dir = Path(args.out) if args.out else assets_dir(__file__)  # --out: keep the README's plot untouched
     plot = line_plot(
         curves,
-        assets_dir(__file__) / f"compare_val_loss_{args.preset}.png",
+        plot_dir / f"compare_val_loss_{args.preset}.png",
         title=f"val loss, {args.preset} preset, tiny-shakespeare (char)",
         xlabel="training step",
         ylabel="val cross-entropy",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -268,7 +269,8 @@ def main(argv=None) -> dict:
         ax.set_xlabel("training step")
     axes[0].set_ylabel("share of token assignments")
     axes[-1].legend(fontsize=7, loc="upper right")
-    plot = save_fig(fig, assets_dir(__file__) / "moe_utilisation.png")
+    plot_dir = Path(args.out) if args.out else assets_dir(__file__)  # --out: keep the README's plot untouched
+    plot = save_fig(fig, plot_dir / "moe_utilisation.png")
     print(f"\nplot: {plot}")
     return {"timing": timing, "utilisation": rows, "plot": str(plot)}
 
