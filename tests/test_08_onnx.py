@@ -65,6 +65,8 @@ def test_full_graph_parity_and_int8_val_loss(tiny, tmp_path):
             assert np.abs(sess.run(None, {"input_ids": x.numpy()})[0] - model(x).numpy()).max() <= 1e-4
     ref = val_loss(model, val_ids, max_batches=4)
     assert abs(ort_val_loss(sess, val_ids, model.config.block_size, max_batches=4) - ref) < 1e-4
+    full_cfg = parse_config(render_configs(model.config)["mini_gpt_onnx"])  # Triton: batch axis implicit
+    check_config_against_onnx(full_cfg, sess, batch_axis_implicit=True)
     q = ort_session(quantize_int8(path, tmp_path / "model.int8.onnx"))
     int8 = ort_val_loss(q, val_ids, model.config.block_size, max_batches=4)
     assert int8 != ref and abs(int8 - ref) < 0.05  # quantized (not identical) yet close
