@@ -98,3 +98,23 @@ def test_reward_model_beats_chance_on_held_out_pairs(one_thread):
     # held-out accuracy must clear chance by two binomial standard deviations
     assert out["metrics"]["pair_accuracy"] > 0.5 + 2 * math.sqrt(0.25 / n), out["metrics"]
     assert out["metrics"]["spearman"] > 0
+
+
+def test_trl_reward_function_and_pair_dataset_match_our_tensors():
+    """What TRL sees (strings) must be exactly what our from-scratch code scores (token tensors)."""
+    from ch03.reward_model import RewardModel
+    from ch03.trl_rlhf import make_reward_func, pairs_dataset
+
+    policy, tok, (ids, _) = pretrained_char_model("tiny", 200, verbose=False)
+    rm = RewardModel(copy.deepcopy(policy), prompt_len=6).eval()
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    seqs = ids[:24].view(2, 12)
+    pairs = {"chosen": seqs, "rejected": seqs.flip(0)}
+    ds = pairs_dataset(pairs, tok, prompt_len=6)
+    assert tok.encode(ds[0]["prompt"] + ds[0]["chosen"]) == seqs[0].tolist()
+    assert tok.encode(ds[1]["prompt"] + ds[1]["rejected"])[6:] == seqs[0, 6:].tolist()
+    scores = make_reward_func("rm", rm, tok, 6)(ds["prompt"], [c + "$" for c in ds["chosen"]])  # EOS is dropped
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(scores), rm(seqs))
+    true = make_reward_func("true", rm, tok, 6)(ds["prompt"], ds["chosen"])
+    assert len(true) == 2 and all(isinstance(x, float) for x in true)
