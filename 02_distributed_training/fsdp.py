@@ -15,6 +15,7 @@ References: Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (PyTorch FSDP); tor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -211,7 +212,9 @@ def main(argv=None) -> dict:
         for name, mem in [("DDP (replica)", r0["ddp_mem"])]
         + [(f"FSDP2 rank {r}", res["fsdp_mem"]) for r, res in enumerate(results)]
     ]
-    print(f"\nper-rank model-state memory, {r0['n_params']:,} parameters, {args.nproc} ranks (measured):")
+    print(
+        f"\nper-rank model-state memory, {r0['n_params']:,} parameters, {int(os.environ.get('WORLD_SIZE', args.nproc))} ranks (measured):"
+    )
     print(markdown_table(mem_rows))
     return {"results": results, "reference": ref, "checks": checks, "memory": mem_rows}
 
