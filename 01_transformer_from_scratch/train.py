@@ -27,7 +27,6 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import base_parser
 from common.data import SHAKESPEARE_PATH, cache_dir, get_batch, load_shakespeare, train_val_split
 from common.device import autocast_dtype, pick_device
-from common.plot import assets_dir, line_plot
 from common.seed import seed_everything
 
 
@@ -202,6 +201,8 @@ def main(argv=None) -> dict:
                      **({"out_dir": args.out} if args.out else {}))
     res = train(mcfg, tc, train_ids, val_ids, resume=args.resume, tokenizer=tok)
     model = res["model"]
+    from common.plot import assets_dir, line_plot  # matplotlib only where a plot is drawn (spawned ranks import us)
+
     curve = assets_dir(__file__) / "train_loss.png"
     its = [v[0] for v in res["val"]]
     line_plot({"train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
