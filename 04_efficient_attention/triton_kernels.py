@@ -1,4 +1,4 @@
-"""The Triton kernels of FlashAttention-2 (forward; backward = preprocess + dK/dV + dQ) and a block-sparse forward.
+"""The Triton kernels of FlashAttention-2: forward, and backward = preprocess + dK/dV kernel + dQ kernel.
 
 Explicit pointer arithmetic on contiguous (B, H, N, D) tensors: element (b, h, n, d) lives at ((b*H + h)*N + n)*D + d.
 No ``tl.make_block_ptr`` / ``tl.advance``. Tails are handled with masks, so any N and any head dim 16..128 work
@@ -10,7 +10,7 @@ and interpreting when each function is *defined*, and that includes triton.langu
 before anything imports triton. If something imported triton earlier (bitsandbytes does), this module re-creates those
 helpers in interpreter mode (``_interpretable_stdlib``). On a CUDA machine nothing is changed; set the variable
 yourself to force either mode.
-The autograd wrapper and the ch01 registration are in flash_triton.py; the block-sparse wrapper in sparse_triton.py.
+The autograd wrapper and the ch01 registration are in flash_triton.py; a block-sparse variant is in sparse_triton.py.
 References: Dao 2023 (FlashAttention-2); the Triton fused-attention tutorial.
 """
 
@@ -53,13 +53,57 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheap inst
 
 
 @triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
+def tile_dot(a, b, FP32_DOT: tl.constexpr):
     # The interpreter multiplies bf16 wrongly in tl.dot, so on that path both operands go to float32 first.
     # On a GPU, fp32 inputs use "ieee" (true fp32, no TF32 rounding); fp16/bf16 use tensor cores (option ignored).
     if FP32_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    kv_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    d_ok,
+    qk_scale,
+    N_K,
+    HEAD_DIM,
+    lo,
+    hi,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with key blocks [lo, hi); MASKED adds the causal/ragged masks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :] if MASKED else d_ok[None, :]
+        k = tl.load(K + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        v = tl.load(V + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N) scores in log2 units
+        if MASKED:
+            keep = offs_k[None, :] < N_K  # ragged tail: keys past N_K do not exist
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_k[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first block visited always shows key 0 to every row
+        p = tl.math.exp2(s - m_new[:, None])  # (M, N) unnormalised probabilities
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -93,25 +137,58 @@ def flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator, relative to m_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator @ V, relative to m_i
-    hi = N_K
-    if CAUSAL:  # key blocks entirely right of the diagonal contribute nothing: never load them
+    # Two phases: key blocks every query of this block sees completely (no mask work at all), then the blocks that
+    # need masking (the causal diagonal, or the ragged last block). Causal: blocks right of the diagonal are never read.
+    if CAUSAL:
+        full_hi = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N  # keys < first query of the block: all visible
         hi = tl.minimum((pid_m + 1) * BLOCK_M, N_K)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_k = start_n + offs_n
-        kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :]
-        k = tl.load(K + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        v = tl.load(V + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N) scores in log2 units
-        keep = offs_k[None, :] < N_K  # ragged tail: keys past N_K do not exist
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_k[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is always visible to every row
-        p = tl.math.exp2(s - m_new[:, None])  # (M, N) unnormalised probabilities
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
-        m_i = m_new
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        kv_base,
+        offs_m,
+        offs_n,
+        offs_d,
+        d_ok,
+        qk_scale,
+        N_K,
+        HEAD_DIM,
+        0,
+        full_hi,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        FP32_DOT,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        kv_base,
+        offs_m,
+        offs_n,
+        offs_d,
+        d_ok,
+        qk_scale,
+        N_K,
+        HEAD_DIM,
+        full_hi,
+        hi,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        FP32_DOT,
+    )
     acc = acc / l_i[:, None]
     tl.store(Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N_Q)  # log2-sum-exp2 per row
@@ -176,15 +253,15 @@ def flash_bwd_dkdv_kernel(
         do = tl.load(DO + q_offs, mask=q_mask, other=0.0)  # (M, D)
         lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
         delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
-        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
+        s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
         keep = (offs_m[:, None] < N_Q) & (offs_k[None, :] < N_K)
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_k[None, :])
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, N) exact probabilities, recomputed
-        dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # dV = P^T dO
-        dp = _dot(do, tl.trans(v), FP32_DOT)  # (M, N) dP = dO V^T
+        dv += tile_dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # dV = P^T dO
+        dp = tile_dot(do, tl.trans(v), FP32_DOT)  # (M, N) dP = dO V^T
         ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(P * dP))
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)  # dK = dS^T Q (times the scale, below)
+        dk += tile_dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)  # dK = dS^T Q (times the scale, below)
     tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -232,70 +309,12 @@ def flash_bwd_dq_kernel(
         kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :]
         k = tl.load(K + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
         v = tl.load(V + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
+        s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
         keep = (offs_m[:, None] < N_Q) & (offs_k[None, :] < N_K)
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_k[None, :])
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), FP32_DOT)  # (M, N)
+        dp = tile_dot(do, tl.trans(v), FP32_DOT)  # (M, N)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, FP32_DOT)  # dQ = dS K (times the scale, below)
+        dq += tile_dot(ds.to(k.dtype), k, FP32_DOT)  # dQ = dS K (times the scale, below)
     tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
-def block_sparse_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    LAYOUT,
-    qk_scale,
-    N,
-    HEAD_DIM,
-    N_BLOCKS,
-    WINDOW,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-):
-    # The forward kernel above, but it visits only key blocks whose LAYOUT[query block, key block] is nonzero.
-    #
-    # A skipped block costs one scalar load: no K/V traffic and no math. Inside visited blocks the causal and
-    # sliding-window rules mask single tokens, so a row can see no key in a block: the running max is guarded for that.
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    base = bh * N * HEAD_DIM
-    q_mask = (offs_m[:, None] < N) & d_ok[None, :]
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)  # (M, D)
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    for kb in range(0, N_BLOCKS):
-        if tl.load(LAYOUT + pid_m * N_BLOCKS + kb) != 0:
-            offs_k = kb * BLOCK + offs_n
-            kv_mask = (offs_k[:, None] < N) & d_ok[None, :]
-            k = tl.load(K + base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-            v = tl.load(V + base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-            s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
-            keep = (offs_k[None, :] < N) & (offs_m[:, None] >= 0)
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_k[None, :])
-            if HAS_WINDOW:
-                dist = offs_m[:, None] - offs_k[None, :]
-                keep = keep & (dist < WINDOW) & (dist > -WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
-            m_i = m_new
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(Out + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)

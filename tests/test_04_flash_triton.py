@@ -169,6 +169,12 @@ for dtype, D in [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 128
                for n in names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32))
         assert k.metadata.shared <= 227 * 1024, (fn.__name__, dtype, D, k.metadata.shared)
+from ch04.sparse_triton import block_sparse_fwd_kernel as bs
+
+meta = dict(BLOCK=64, BLOCK_D=64, CAUSAL=True, HAS_WINDOW=True, FP32_DOT=False)
+sig = {n: "*fp16" if n in ("Q", "K", "V", "Out") else "*i32" if n == "LAYOUT" else "fp32" if n == "qk_scale"
+       else "constexpr" if n in meta else "i32" for n in bs.arg_names}
+triton.compile(ASTSource(fn=bs, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32))
 print("compiled")
 """
 
