@@ -6,6 +6,7 @@ References: outputs are compared with ch01's ``GPT.generate`` (no cache, one seq
 import asyncio
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -224,7 +225,7 @@ def test_disconnect_mid_stream_frees_the_slot_and_metrics_move(server):
         h = httpx.get(url + "/health").json()
         if h["running"] == 0 and h["free_slots"] == MAX_BATCH:
             break
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     assert (h["running"], h["free_slots"]) == (0, MAX_BATCH)
     assert metric(url, "llm_requests_cancelled_total") == cancelled_before + 1
     httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 2})
@@ -267,7 +268,7 @@ def test_cli_server_process_graceful_shutdown_finishes_in_flight_requests(checkp
         for _ in range(200):  # wait until the request is running
             if httpx.get(url + "/health").json()["running"]:
                 break
-            asyncio.run(asyncio.sleep(0.02))
+            time.sleep(0.02)
         server.proc.send_signal(signal.SIGINT)
         t.join(timeout=120)
         assert server.proc.wait(timeout=60) == 0
