@@ -53,7 +53,14 @@ def methods(target, draft, prompt, args):
 
         def hf_generate(n):
             with torch.no_grad():
-                ids = hf.generate(prompt.view(1, -1), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                # an explicit mask: HF would otherwise treat every pad_token_id (0 = newline here) as padding
+                ids = hf.generate(
+                    prompt.view(1, -1),
+                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                )
             return ids[0, len(prompt) :].tolist(), {}
 
         out["HF LlamaForCausalLM.generate"] = hf_generate
