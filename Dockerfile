@@ -29,6 +29,8 @@ RUN pip install --no-cache-dir --no-deps -e . \
 
 USER 1000
 EXPOSE 8000
+# uvicorn shuts down gracefully on SIGINT: in-flight requests finish
+STOPSIGNAL SIGINT
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 CMD ["python", "10_capstone/minigpt.py", "serve", "--host", "0.0.0.0", "--port", "8000"]

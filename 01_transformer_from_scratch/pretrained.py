@@ -10,6 +10,7 @@ later calls load the safetensors weights. The cache key covers every setting, so
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 
@@ -29,16 +30,23 @@ def pretrained_char_model(preset: str = "small", max_iters: int = 2000, seed: in
     key = json.dumps({"model": mcfg.to_dict(), "iters": max_iters, "seed": seed}, sort_keys=True)
     run_dir = cache_dir("pretrained", f"{preset}-{max_iters}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     model_dir = run_dir / "model"
+    with open(run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process trains, the others wait and then load its result
+        model = _load_or_train(model_dir, run_dir, mcfg, max_iters, seed, device, verbose, tok, train_ids, val_ids)
+    model.eval()
+    return model, tok, (train_ids, val_ids)
+
+
+def _load_or_train(model_dir, run_dir, mcfg, max_iters, seed, device, verbose, tok, train_ids, val_ids) -> GPT:
     if (model_dir / "model.safetensors").exists():
         model = GPT.load(model_dir, map_location=device)
     else:
         if verbose:
-            print(f"training a {preset} char model for {max_iters} iterations (cached in {run_dir}) ...")
+            print(f"training a {mcfg.n_layer}-layer char model for {max_iters} iterations (cached in {run_dir}) ...")
         tc = TrainConfig(max_iters=max_iters, seed=seed, device=device, out_dir=str(run_dir), progress=verbose,
                          warmup_iters=min(100, max_iters // 10), eval_interval=max_iters, ckpt_interval=max_iters + 1)
         model = train(mcfg, tc, train_ids, val_ids, tokenizer=tok)["model"].to(device)
-    model.eval()
-    return model, tok, (train_ids, val_ids)
+    return model
 
 
 @torch.no_grad()
