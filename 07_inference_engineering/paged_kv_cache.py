@@ -14,9 +14,16 @@ API (what a continuous-batching server uses — chapter 08 builds on exactly thi
     logits = paged_forward(model, cache, {"req-1": [tok1], "req-7": [tok7], "req-9": prompt9})  # (3, V), in dict order
     cache.fork("req-1", "req-1b")   # parallel sampling / beams: share all blocks, copy-on-write on the next append
     cache.free("req-7")             # finished: its blocks go back to the pool (shared ones when their last user leaves)
-    cache.can_append(["req-1", ...], [1, ...])  cache.num_free_blocks  cache.length("req-1")   # for the scheduler
+    # for the scheduler: admission and preemption decisions before a step (paged_forward raises OutOfBlocks otherwise,
+    # leaving every sequence unchanged)
+    cache.can_append(["req-1", ...], [1, ...])  cache.blocks_needed_new(len(prompt))  cache.num_free_blocks
+    cache.length("req-1")  cache.block_table("req-1")
+    # sampling per request: ch07.sampling.sample_rows(logits, [Sampler(...) per row], generated_ids, generators)
 
 ``paged_forward(..., all_logits=True)`` returns (B, T, V) logits for every fed token (right-padded per row) instead.
+Prefix sharing covers full blocks whose sequences are still alive: a block leaves the prefix table when its last user
+is freed (vLLM keeps such blocks as an evictable LRU cache; not done here). Sequences are capped at the model's
+block_size positions.
 
 How it works: the pool is one tensor per layer of shape (num_blocks · block_size, n_kv_heads, head_dim) — one row per
 token "slot". Sequence s's token at position p lives in slot ``table[s][p // block_size] · block_size + p % block_size``.
