@@ -200,7 +200,7 @@ class Attention(nn.Module):
         if cfg.n_kv_head != cfg.n_head:  # GQA: each kv head serves n_head / n_kv_head query heads
             rep = cfg.n_head // cfg.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        causal = attn_mask is None and k.shape[-2] == T and T > 1
+        causal = attn_mask is None and k.shape[-2] == T
         dropout_p = cfg.dropout if self.training else 0.0
         y = get_attention(cfg.attn_impl)(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
