@@ -193,13 +193,13 @@ def test_bitsandbytes_int8_and_nf4_on_cpu(tiny, caplog):
     from ch06.bnb import HFCausalLM, bnb_linear_types, load_bnb
 
     model, _, val_ids = tiny
-    base = val_loss(model, val_ids, max_batches=2)
+    base = val_loss(model, val_ids, max_batches=1)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     for mode, linear, tol in (("int8", "Linear8bitLt", 0.01), ("nf4", "Linear4bit", 0.05)):
         hf = load_bnb(model, mode)
         assert bnb_linear_types(hf) == {linear}  # the real bitsandbytes modules, not a fallback
         assert hf.get_memory_footprint() < fp32_bytes
         with caplog.at_level("WARNING"):
-            loss = val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=2)
+            loss = val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=1)
         assert abs(loss / base - 1) < tol
         assert not any("will be cast" in r.getMessage() for r in caplog.records)  # per-matmul warning silenced
