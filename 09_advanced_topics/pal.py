@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
             by_template.setdefault(q.template_id, {"direct": [], "pal": []})[method].append(ok)
     plot = bar_plot(
         {"direct": 100 * results["direct"]["accuracy"], "PAL (sandboxed)": 100 * results["pal"]["accuracy"]},
-        assets_dir(__file__) / f"pal_accuracy_{args.split}.png",
+        assets_dir(__file__) / f"pal_accuracy_{args.split}_{args.program_style}.png",
         title=f"held-out exact match ({args.split} split)",
         ylabel="accuracy (%)",
     )
