@@ -31,7 +31,7 @@ from common.seed import seed_everything
 @torch.no_grad()
 def torch_tokens_per_s(model, vocab: int, T: int, B: int = 8) -> float:
     idx = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0))
-    t = timeit(lambda: model(idx), warmup=1, repeats=5)
+    t = timeit(lambda: model(idx), warmup=2, repeats=10, min_time=1.0)
     return B * T / t.median
 
 
@@ -39,21 +39,31 @@ def llama_cpp_tokens_per_s(path: Path, ids: list[int], n_ctx: int) -> float | No
     llm = load_llama_cpp(path, n_ctx, n_threads=2)
     if llm is None:
         return None
-    t = timeit(lambda: llama_cpp_logits(llm, ids), warmup=1, repeats=5)
+    t = timeit(lambda: llama_cpp_logits(llm, ids), warmup=2, repeats=10, min_time=1.0)
     return len(ids) / t.median
 
 
 def plot(rows, path):
+    """Horizontal bars: val-loss increase per method, annotated with the stored size."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
-        ax.scatter(r["MB"], r["val_loss"], s=30)
-        ax.annotate(r["method"], (r["MB"], r["val_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("size (MB, as stored)")
-    ax.set_ylabel("val loss (nats/char)")
-    ax.set_title("Quantization / pruning trade-off (char-level mini-GPT)")
-    ax.grid(alpha=0.3)
+    rows = sorted(rows[1:], key=lambda r: r["delta_%"])
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
+    colors = ["tab:red" if "%" in r["method"] else "tab:blue" for r in rows]
+    ax.barh([r["method"] for r in rows], [max(r["delta_%"], 0.0) for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.annotate(
+            f"{r['delta_%']:+.2f} %, {r['MB']:.2f} MB",
+            (max(r["delta_%"], 0.0), i),
+            xytext=(4, -3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("val loss increase over fp32 (%, symlog axis) — label: increase, stored size")
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Quantization (blue) and pruning (red) on the char-level mini-GPT")
     return save_fig(fig, path)
 
 
@@ -125,6 +135,8 @@ def main(argv=None):
         pm = prune_model(model, method, s, pattern, calib_ids=calib)
         add(f"{method} {pattern} {sparsity_of(pm):.0%}", 32, model_size_bytes(pm) / 1e6, pm)
     print(f"\n{args.preset} model, {cfg.n_layer} layers × {cfg.n_embd} dims; {hardware_info()}\n")
+    for r in rows:
+        r.setdefault("llama.cpp tok/s", "-")
     print(markdown_table(rows, floatfmt=".4g"))
     if not args.no_plot:
         print("plot:", plot(rows, assets_dir(__file__) / "quant_tradeoff.png"))
