@@ -16,33 +16,16 @@ References: Dao et al. 2022 (FlashAttention), Rabe & Staats 2021 (self-attention
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
-
 import torch
 import torch.nn.functional as F
 
 from ch01.model import naive_attention
 from ch04.flash_pytorch import flash_attention_pytorch
-from common.bench import hardware_info, markdown_table, peak_memory, timeit
+from common.bench import hardware_info, markdown_table, peak_memory, release_free_memory, timeit
 from common.cli import base_parser
 from common.device import parse_dtype, pick_device
 from common.plot import assets_dir, line_plot
 from common.seed import seed_everything
-
-
-def release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``) so the next call's RSS growth shows its real allocations.
-
-    Without this, an allocation can reuse pages that an earlier, bigger call freed but the allocator kept: RSS does not
-    grow and a small working set reads as 0 MiB. No-op where glibc is not available."""
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(libc_name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def attention_flops(B: int, H: int, N: int, D: int, causal: bool, backward: bool = False) -> float:

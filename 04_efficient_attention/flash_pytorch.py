@@ -144,7 +144,7 @@ def flash_pytorch_attention(q, k, v, *, causal: bool, attn_mask=None, dropout_p:
 
 
 def main(argv=None) -> dict:
-    from ch04.bench_attention import release_free_memory  # bench_attention imports this module: import here
+    from common.bench import release_free_memory
 
     p = base_parser(__doc__)
     p.add_argument("--seq-len", type=int, default=1024, help="N for the time/memory comparison")

@@ -45,6 +45,22 @@ def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, device:
     return Timing(median=statistics.median(times), p10=q[0], p90=q[-1], min=times[0], repeats=len(times))
 
 
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so the next RSS growth shows real allocations.
+
+    Without this an allocation can reuse pages that an earlier, bigger call freed but the allocator kept: RSS does not
+    grow and a small working set reads as 0 MiB. No-op where glibc is not available."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -68,6 +84,7 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu", in
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return peak
+    release_free_memory()
     base = _rss_bytes()
     peak = base
     done = threading.Event()

@@ -5,14 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from ch01.model import naive_attention
-from ch04.bench_attention import release_free_memory
 from ch04.flash_pytorch import (
     flash_attention_pytorch,
     online_softmax,
     tiled_attention_backward,
     tiled_attention_forward,
 )
-from common.bench import peak_memory
+from common.bench import peak_memory, release_free_memory
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
