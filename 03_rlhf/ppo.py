@@ -8,7 +8,7 @@ minibatch updates of the clipped surrogate  min(ρ·A, clip(ρ, 1±ε)·A),  a c
 β follows Ziegler's adaptive controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
 
     python 03_rlhf/ppo.py                          # PPO with the adaptive KL controller, then β = 0 (reward hacking)
-    python 03_rlhf/ppo.py --preset tiny --iters 200 --ppo-iters 10 --no-hacking-run
+    python 03_rlhf/ppo.py --preset tiny --iters 200 --ppo-iters 10 --runs adaptive
 """
 
 from __future__ import annotations
@@ -224,13 +224,13 @@ def samples_of(policy: GPT, tok, prompt_ids, n: int, prompt_len: int, response_l
     return [tok.decode(s.tolist()) for s in seqs]
 
 
-def plot_runs(runs: dict[str, list[dict]], path) -> None:
+def plot_runs(runs: dict[str, list[dict]], path, target_kl: float | None = None) -> None:
     import matplotlib.pyplot as plt
 
     from common.plot import save_fig
 
     keys = [
-        ("rm_reward", "reward-model score"),
+        ("rm_reward", "optimised reward (r_φ, or the true one)"),
         ("true_reward", "true reward"),
         ("kl", "KL(π‖π_ref), nats"),
         ("entropy", "entropy / token"),
@@ -242,6 +242,8 @@ def plot_runs(runs: dict[str, list[dict]], path) -> None:
         for name, hist in runs.items():
             ax.plot([h["iter"] for h in hist], [h[k] for h in hist], label=name)
         ax.set_title(title)
+        if k == "kl" and target_kl:
+            ax.axhline(target_kl, color="gray", ls="--", lw=1, label="KL target")
         ax.set_xlabel("PPO iteration")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
@@ -257,7 +259,13 @@ def main(argv=None):
     p.add_argument("--target-kl", type=float, default=defaults.target_kl)
     p.add_argument("--init-kl-coef", type=float, default=defaults.init_kl_coef)
     p.add_argument("--pairs", type=int, default=2000, help="reward-model training pairs (see reward_model.py)")
-    p.add_argument("--no-hacking-run", action="store_true", help="skip the β = 0 run")
+    p.add_argument(
+        "--runs",
+        default="adaptive,zero",
+        help="comma-separated: adaptive (RM reward, adaptive β), zero (RM reward, β = 0: reward hacking), "
+        "true (true reward as a verifiable reward, adaptive β)",
+    )
+    p.add_argument("--plot-name", default="ppo_runs.png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -270,17 +278,20 @@ def main(argv=None):
         target_kl=args.target_kl,
         init_kl_coef=args.init_kl_coef,
     )
+    P = cfg.prompt_len
+    true_fn = lambda seqs: true_reward(decode_responses(rmd["tok"], seqs, P))  # RLVR: the true reward as the reward
+    variants = {
+        "adaptive": ("PPO (adaptive β)", cfg, rmd["rm"]),
+        "zero": ("PPO (β = 0)", PPOConfig(**{**asdict(cfg), "init_kl_coef": 0.0, "target_kl": None}), rmd["rm"]),
+        "true": ("PPO (true reward, adaptive β)", cfg, true_fn),
+    }
     runs, policies = {}, {}
-    print(f"PPO, adaptive KL (target {cfg.target_kl} nats):")
-    policies["PPO (adaptive β)"], runs["PPO (adaptive β)"] = train_ppo(
-        rmd["policy"], rmd["rm"], rmd["tok"], rmd["train_ids"], cfg, args.seed
-    )
-    if not args.no_hacking_run:
-        print("PPO, β = 0 (no KL penalty):")
-        hack = PPOConfig(**{**asdict(cfg), "init_kl_coef": 0.0, "target_kl": None})
-        policies["PPO (β = 0)"], runs["PPO (β = 0)"] = train_ppo(
-            rmd["policy"], rmd["rm"], rmd["tok"], rmd["train_ids"], hack, args.seed
-        )
+    for key in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        if key not in variants:
+            p.error(f"unknown run {key!r}; choose from {', '.join(variants)}")
+        name, run_cfg, reward = variants[key]
+        print(f"{name}:")
+        policies[name], runs[name] = train_ppo(rmd["policy"], reward, rmd["tok"], rmd["train_ids"], run_cfg, args.seed)
     rows = []
     for name, hist in runs.items():
         start, end = hist[0], hist[-1]
@@ -306,7 +317,7 @@ def main(argv=None):
     if not args.no_plot:
         from common.plot import assets_dir
 
-        plot_runs(runs, assets_dir(__file__) / "ppo_runs.png")
+        plot_runs(runs, assets_dir(__file__) / args.plot_name, cfg.target_kl)
     return {"rows": rows, "runs": runs, "policies": policies, "rm_metrics": rmd["metrics"]}
 
 
