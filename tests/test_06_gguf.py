@@ -155,6 +155,10 @@ def test_llama_cpp_tokenizes_and_detokenizes_our_vocab(llama_cpp, tiny, gguf_fil
     assert ids == tok.encode(text)
     assert llm.detokenize(ids).decode() == text
     assert llm.token_bos() == -1 and llm.token_eos() == -1  # no character is mistaken for BOS/EOS
+    # text in, text out through llama.cpp's own sampler: greedy completion == our model's greedy decode
+    out = llm.create_completion(PROMPT, max_tokens=20, temperature=0.0)["choices"][0]
+    ours = model.generate(torch.tensor([tok.encode(PROMPT)]), 20, temperature=0)[0, len(PROMPT) :].tolist()
+    assert out["finish_reason"] == "length" and out["text"] == tok.decode(ours)
 
 
 @pytest.mark.timeout(300)
