@@ -77,9 +77,21 @@ def test_bench_scan_main_runs_and_variants_agree():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_compare_main_tiny():
+def test_compare_main_tiny(tmp_path):
     from ch05.compare import main
 
-    res = main(["--iters", "20", "--eval-interval", "10"])
+    res = main(["--iters", "20", "--eval-interval", "10", "--out", str(tmp_path)])
     assert len(res["rows"]) == 4
     assert all(r["val loss"] < 4.0 for r in res["rows"])  # ln(65) = 4.17 at chance
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_moe_and_kan_demos(tmp_path):
+    from ch05 import kan, moe
+
+    res = moe.main(["--iters", "10", "--tokens", "32", "--out", str(tmp_path)])
+    assert res["timing"][0]["max |diff|"] < 1e-5  # sorted dispatch == naive loop
+    assert (tmp_path / "moe_utilisation.png").exists()
+    res = kan.main(["--steps", "50", "--extend-to", "0", "--tokens", "64"])
+    assert res["fit"][0]["params"] == 150 and len(res["ffn_cost"]) == 2
