@@ -2,7 +2,7 @@
 # over an OpenAI-compatible API on port 8000.
 #   docker build -t llm-roadmap .
 #   docker run --rm -p 8000:8000 llm-roadmap                       # serve (trains the cpu-demo model first if needed)
-#   docker run --rm llm-roadmap python -m pytest -m "not slow"     # run the tests instead
+#   docker run --rm llm-roadmap python -m pytest                   # run the tests instead
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH_PIP ?=
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint setup
+.PHONY: demo test test-all lint setup
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow"
+test-all: $(VENV)/.installed
+	$(PY) -m pytest --runslow
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
