@@ -32,7 +32,7 @@ def plot_frontier(rows: list[dict], path) -> None:
         ax.scatter(r["kl"], r["true_reward"], s=40)
         ax.annotate(r["method"], (r["kl"], r["true_reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("KL(π ‖ π_SFT), nats per response")
-    ax.set_ylabel("true reward (mean over held-out prompts)")
+    ax.set_ylabel("true reward (mean over the evaluation prompts)")
     ax.set_title("true reward vs. KL budget")
     ax.grid(alpha=0.3)
     save_fig(fig, path)

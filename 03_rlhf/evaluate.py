@@ -1,4 +1,4 @@
-"""One yardstick for every method in chapter 03: sample from a policy on held-out prompts and measure the true reward,
+"""One yardstick for every method in chapter 03: sample from a policy on a fixed set of evaluation prompts and measure the true reward,
 the reward-model score and the KL to the reference (SFT) policy.
 
     from ch03.evaluate import evaluate_policy
