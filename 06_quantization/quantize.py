@@ -119,8 +119,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torc
 class QuantLinear(nn.Module):
     """A bias-free linear layer whose weight is stored quantized and dequantized on every forward.
 
-    bits=8: int8 per-channel symmetric (``qweight`` int8, ``scale`` (out, 1)).
-    bits<8: packed asymmetric groupwise codes (``qweight`` uint8 bytes, ``scale``/``zero`` (out, G), optional ``g_idx``).
+    Symmetric (``zero`` None; RTN int8): ``qweight`` int8, ``scale`` (out, 1).
+    Asymmetric groupwise (any bits, e.g. RTN int4 or GPTQ): packed uint8 bytes, ``scale``/``zero`` (out, G), optional
+    ``g_idx``.
     The dequantize-then-matmul path is what a CPU reference does; fused kernels (ch07 / bitsandbytes / llama.cpp)
     skip materialising the fp32 weight.
     """
@@ -131,13 +132,17 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bits={bits} not supported; choose 2, 3, 4 or 8")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.register_buffer("g_idx", None)  # column -> group map, only for act-order GPTQ
+        self.symmetric = False
 
     @classmethod
     def from_codes(cls, q, scale, zero, bits, group_size, g_idx=None) -> QuantLinear:
         """Build from integer codes (out, in) and their parameters (used by RTN and GPTQ alike)."""
         out_f, in_f = q.shape
         m = cls(in_f, out_f, bits, group_size)
-        if bits == 8:
+        if zero is None:
+            if bits != 8:
+                raise ValueError("symmetric (zero-point-free) codes are supported for bits=8 only")
+            m.symmetric = True
             m.register_buffer("qweight", q.to(torch.int8))
             m.register_buffer("scale", scale.float())
         else:
@@ -160,7 +165,7 @@ class QuantLinear(nn.Module):
         return cls.from_codes(q, scale, zero, bits, group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.bits == 8:
+        if self.symmetric:
             return dequantize_int8(self.qweight, self.scale)
         q = unpack_bits(self.qweight, self.bits, (self.out_features, self.in_features))
         g_idx = None if self.g_idx is None else self.g_idx.long()

@@ -76,6 +76,14 @@ def _rtn_codes(w, bits, group):
     return dequantize_groupwise(q, s, z, group)
 
 
+def test_gptq_8bit_codes_round_trip_through_quant_linear():
+    w = torch.randn(16, 64)
+    q, s, z, _ = gptq_quantize_weight(w, torch.eye(64), bits=8, group_size=32)
+    assert q.max() > 127  # asymmetric 8-bit codes use the full [0, 255] range
+    ql = QuantLinear.from_codes(q, s, z, 8, 32)
+    assert torch.equal(ql.dequantized_weight(), dequantize_groupwise(q, s, z, 32))
+
+
 def test_gptq_with_identity_hessian_is_rtn():
     """With H = I the inputs are uncorrelated, so there is nothing to compensate: GPTQ must reduce to RTN."""
     w = torch.randn(16, 64)
