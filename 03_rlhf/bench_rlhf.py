@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, args.device)
     quiet = lambda *a: None
     rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
     sft, rm, tok, ids = rmd["policy"], rmd["rm"], rmd["tok"], rmd["train_ids"]

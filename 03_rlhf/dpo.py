@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-samples", type=int, default=256)
     args = p.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, args.device)
     rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
     P = rmd["settings"]["prompt_len"]
     t0 = time.perf_counter()

@@ -268,7 +268,7 @@ def main(argv=None):
     p.add_argument("--plot-name", default="ppo_runs.png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, args.device)
     rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
     print(f"reward model: held-out pair accuracy {rmd['metrics']['pair_accuracy']:.3f}")
     cfg = PPOConfig(

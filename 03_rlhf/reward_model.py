@@ -236,7 +236,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--no-cache", action="store_true", help="retrain even if .cache/ch03 holds this reward model")
     args = p.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, args.device)
     out = get_reward_model(
         args.preset,
         args.iters,

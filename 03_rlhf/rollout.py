@@ -34,7 +34,10 @@ def add_policy_args(p, preset: str = "small", iters: int = 2000):
     return p
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int, device: str = "cpu") -> None:
+    """Apply ``--threads``; chapter 03's models are tiny, so its scripts run on the CPU whatever ``--device`` says."""
+    if device not in ("auto", "cpu"):
+        print(f"note: chapter 03 runs on the CPU (0.8 M-parameter models); ignoring --device {device}")
     if n > 0:
         torch.set_num_threads(n)
 

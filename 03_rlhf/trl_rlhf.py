@@ -259,7 +259,7 @@ def main(argv=None):
     p.add_argument("--dpo-epochs", type=int, default=1)
     p.add_argument("--eval-samples", type=int, default=256)
     args = p.parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
