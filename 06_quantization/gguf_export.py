@@ -162,13 +162,22 @@ def rwkv_escape(piece: str) -> str:
     return piece.replace("\\", "\\\\")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tok: CharTokenizer, vocab_size: int) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:
+    """Our vocabulary in the GGUF tokenizer metadata: char-level -> llama.cpp type "rwkv", byte-level BPE -> "gpt2"."""
+    from ch01.bpe import Tokenizer
+
+    if isinstance(tok, Tokenizer):
+        return add_bpe_tokenizer(writer, tok, vocab_size)
+    if not isinstance(tok, CharTokenizer):
+        raise TypeError(f"gguf_export writes CharTokenizer or ch01.bpe.Tokenizer vocabularies, not {type(tok).__name__}")
+    add_char_tokenizer(writer, tok, vocab_size)
+
+
+def add_char_tokenizer(writer: gguf.GGUFWriter, tok: CharTokenizer, vocab_size: int) -> None:
     """The char vocab as llama.cpp vocab type "rwkv": tokenizing = greedy longest match of literal token strings
     (here: one character each), detokenizing = concatenation, and — unlike the "llama" (SPM) and "gpt2" (BPE) types,
     which default BOS/EOS to ids 1/2 or 11, real characters in a 65-token vocab ('!' would end every generation) —
     no special tokens at all, which is what a char-level model trained without BOS/EOS needs."""
-    if not isinstance(tok, CharTokenizer):
-        raise TypeError("gguf_export writes char-level vocabularies (ch01.char_tokenizer.CharTokenizer)")
     if tok.vocab_size != vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     writer.add_tokenizer_model("rwkv")
@@ -179,7 +188,34 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok: CharTokenizer, vocab_size: int) 
     writer.add_add_eos_token(False)
 
 
-def export_gguf(model: GPT, tok: CharTokenizer, path: str | Path, qtype: str = "f32", name: str = "mini-gpt") -> Path:
+def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:
+    """ch01's byte-level BPE as llama.cpp vocab type "gpt2" (pre-tokenizer "gpt-2", the regex ours uses): tokens and
+    merges written through GPT-2's byte-to-unicode map, exactly as Hugging Face's GPT-2 files store them. BOS/EOS
+    point at our first special token (llama.cpp's gpt2 default, id 11, is an ordinary token in a small vocab)."""
+    from ch01.bpe import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    show = lambda b: "".join(b2u[x] for x in b)
+    if len(tok.vocab) != vocab_size:
+        raise ValueError(f"tokenizer has {len(tok.vocab)} tokens but the model's vocab_size is {vocab_size}")
+    if sorted(tok.vocab) != list(range(vocab_size)):
+        raise ValueError("BPE vocabulary ids must be 0..vocab_size-1")
+    special = set(tok.special_ids.values())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([tok.vocab[i].decode("utf-8") if i in special else show(tok.vocab[i])
+                           for i in range(vocab_size)])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(vocab_size)])
+    writer.add_token_merges([f"{show(a)} {show(b)}" for a, b in tok.merges])
+    if special:
+        writer.add_bos_token_id(min(special))
+        writer.add_eos_token_id(min(special))
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def export_gguf(model: GPT, tok, path: str | Path, qtype: str = "f32", name: str = "mini-gpt") -> Path:
     """Write ``model`` + ``tok`` as a llama.cpp-loadable GGUF file; returns the path."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype={qtype!r}; choose one of {', '.join(QTYPES)}")

@@ -182,3 +182,48 @@ def test_llama_cpp_logits_and_greedy_match_torch(llama_cpp, tiny, gguf_files, qt
         default_kv = load_llama_cpp(gguf_files[qtype], model.config.block_size, n_threads=2, f32_kv_cache=False)
         assert np.abs(llama_cpp_logits(default_kv, ids) - want).max() < 1e-3  # llama.cpp's default fp16 K/V cache
         assert llama_cpp_greedy(default_kv, ids, 32) == ours
+
+
+# ------------------------------------------------------------------------------- byte-level BPE vocabulary ("gpt2")
+BPE_TEXT = "ROMEO:\nWhat say'st thou, my lord? 1234 — café, naïve; 東京 🙂\n\nJULIET:\nAy me!"
+
+
+@pytest.fixture(scope="module")
+def bpe_gguf(tmp_path_factory):
+    from ch01.bpe import Tokenizer, train_bpe
+    from ch01.model import GPT, GPTConfig
+    from common.data import load_shakespeare
+
+    d = tmp_path_factory.mktemp("bpe")
+    (d / "corpus.txt").write_text(load_shakespeare()[:100_000])
+    vocab, merges = train_bpe(d / "corpus.txt", 320, ["<|endoftext|>"])
+    tok = Tokenizer(vocab, merges, ["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=len(tok.vocab), n_kv_head=2, init_std=0.1, block_size=128)).eval()
+    return model, tok, export_gguf(model, tok, d / "bpe.gguf", "f32")
+
+
+def test_bpe_vocab_metadata(bpe_gguf):
+    model, tok, path = bpe_gguf
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    assert len(fields["tokenizer.ggml.tokens"].data) == len(tok.vocab) == model.config.vocab_size
+    assert len(fields["tokenizer.ggml.merges"].data) == len(tok.merges)
+    assert int(fields["tokenizer.ggml.bos_token_id"].parts[-1][0]) == tok.special_ids["<|endoftext|>"]
+
+
+@pytest.mark.timeout(300)
+def test_llama_cpp_runs_our_bpe_vocab(llama_cpp, bpe_gguf):
+    from ch06.gguf_export import llama_cpp_greedy, llama_cpp_logits, load_llama_cpp
+
+    model, tok, path = bpe_gguf
+    llm = load_llama_cpp(path, model.config.block_size, n_threads=2)
+    ids = tok.encode(BPE_TEXT)
+    assert llm.tokenize(BPE_TEXT.encode(), add_bos=False, special=False) == ids  # same BPE, same ids
+    assert llm.detokenize(ids).decode() == BPE_TEXT
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(llama_cpp_logits(llm, ids) - want).max() < 1e-4
+    ours = model.generate(torch.tensor([ids[:8]]), 24, temperature=0)[0, 8:].tolist()
+    assert llama_cpp_greedy(llm, ids[:8], 24) == ours
