@@ -82,6 +82,20 @@ def test_gguf_reads_back(run_dir):
     assert len(names) == 2 + 1 + 9 * model.config.n_layer  # embd, output_norm, output + 9 per block
 
 
+def test_gguf_runs_in_llama_cpp(run_dir):
+    pytest.importorskip("llama_cpp")
+    from ch06.gguf_export import llama_cpp_greedy, load_llama_cpp
+
+    d, _ = run_dir
+    model, tok = GPT.load(d / "model").eval(), Tokenizer.load(d / "tokenizer")
+    llm = load_llama_cpp(d / "exports" / "minigpt-f16.gguf", model.config.block_size, n_threads=2)
+    ids = tok.encode("ROMEO:\nWhat say'st thou?")
+    assert llm.tokenize(b"ROMEO:\nWhat say'st thou?", add_bos=False, special=False) == ids
+    ours = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+    assert llama_cpp_greedy(llm, ids, 20) == ours
+    llm.close()
+
+
 def test_rerun_skips_up_to_date_stages(run_dir, capsys):
     d, _ = run_dir
     before = (d / "model" / "model.safetensors").stat().st_mtime_ns
