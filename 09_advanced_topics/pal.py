@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-value", type=int, default=20, help="numbers are drawn from [2, max_value]")
     p.add_argument("--split", default="numbers", choices=["numbers", "template"])
     p.add_argument("--program-style", default="expression", choices=["expression", "named"])
-    p.add_argument("--iters", type=int, default=500, help="fine-tuning steps for each model")
+    p.add_argument("--iters", type=int, default=400, help="fine-tuning steps for each model")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--n-layer", type=int, default=2)
