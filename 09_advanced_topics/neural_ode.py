@@ -23,8 +23,9 @@ import time
 import torch
 import torch.nn as nn
 
+from ch09.paths import plot_dir
 from common.cli import base_parser
-from common.plot import assets_dir, save_fig
+from common.plot import save_fig
 from common.seed import seed_everything
 
 # Dormand–Prince 5(4) tableau; the 7th stage is evaluated at the new point (FSAL: first-same-as-last)
@@ -210,6 +211,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-time", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=20)
     args = p.parse_args(argv)
+    if min(args.iters, args.batch_size) < 1 or args.batch_time < 2:
+        p.error("--iters and --batch-size must be at least 1 and --batch-time at least 2")
     seed_everything(args.seed)
     t = torch.linspace(0.0, 25.0, 1000)
     y0 = torch.tensor([2.0, 0.0])
@@ -248,7 +251,7 @@ def main(argv=None) -> dict:
     ax.set_title(f"spiral fit ({args.method}, {'adjoint' if args.adjoint else 'backprop'})")
     ax.legend()
     mode = "adjoint" if args.adjoint else "backprop"
-    plot = save_fig(fig, assets_dir(__file__) / f"spiral_{args.method}_{mode}.png")
+    plot = save_fig(fig, plot_dir(args.out, __file__) / f"spiral_{args.method}_{mode}.png")
     print(
         f"\n| solver | gradients | iters | final trajectory L1 | NFE / iter forward | NFE / iter backward | time (s) |"
         f"\n|---|---|---|---|---|---|---|\n| {args.method} | {'adjoint' if args.adjoint else 'backprop'} | {args.iters} "

@@ -33,9 +33,10 @@ from ch01.model import GPT, GPTConfig
 from ch01.pretrained import val_loss
 from ch01.train import TrainConfig, make_optimizer, prepare_data
 from ch09.neural_ode import Counter, odeint, odeint_adjoint
+from ch09.paths import plot_dir
 from common.cli import base_parser
 from common.data import get_batch
-from common.plot import assets_dir, line_plot
+from common.plot import line_plot
 from common.seed import seed_everything
 
 
@@ -148,6 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dopri5", action="store_true", help="also train an adaptive Dormand–Prince model (slow)")
     p.add_argument("--adjoint", action="store_true", help="ODE gradients by the adjoint method")
     args = p.parse_args(argv)
+    if min(args.iters, args.depth, args.rk4_steps, args.batch_size) < 1:
+        p.error("--iters, --depth, --rk4-steps and --batch-size must be at least 1")
     tok, train_ids, val_ids = prepare_data("char")
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=1, n_head=4, n_embd=args.n_embd)
     L = args.depth
@@ -175,7 +178,7 @@ def main(argv=None) -> dict:
     }
     plot = line_plot(
         smooth,
-        assets_dir(__file__) / "ode_transformer.png",
+        plot_dir(args.out, __file__) / "ode_transformer.png",
         title="train loss (10-step mean)",
         xlabel="step",
         ylabel="cross-entropy",

@@ -20,10 +20,11 @@ from __future__ import annotations
 import time
 
 from ch09.arith_tasks import Problem, make_splits
+from ch09.paths import plot_dir
 from ch09.sandbox import run_many
 from ch09.seq2seq import finetune, greedy_complete, task_model, task_tokenizer
 from common.cli import base_parser
-from common.plot import assets_dir, bar_plot
+from common.plot import bar_plot
 from common.seed import seed_everything
 
 
@@ -71,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=96)
     args = p.parse_args(argv)
+    if min(args.n_train, args.n_test, args.iters, args.batch_size) < 1:
+        p.error("--n-train, --n-test, --iters and --batch-size must be at least 1")
     if args.device not in ("auto", "cpu"):
         print("note: pal.py trains on the CPU; --device is ignored")
     train, test = make_splits(args.n_train, args.n_test, args.split, args.max_value, seed=args.seed)
@@ -115,7 +118,7 @@ def main(argv=None) -> dict:
             by_template.setdefault(q.template_id, {"direct": [], "pal": []})[method].append(ok)
     plot = bar_plot(
         {"direct": 100 * results["direct"]["accuracy"], "PAL (sandboxed)": 100 * results["pal"]["accuracy"]},
-        assets_dir(__file__) / f"pal_accuracy_{args.split}_{args.program_style}.png",
+        plot_dir(args.out, __file__) / f"pal_accuracy_{args.split}_{args.program_style}.png",
         title=f"held-out exact match ({args.split} split)",
         ylabel="accuracy (%)",
     )

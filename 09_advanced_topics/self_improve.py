@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 
 from ch09.arith_tasks import Problem, make_problems
+from ch09.paths import plot_dir
 from ch09.seq2seq import finetune, greedy_complete, task_model, task_tokenizer
 from common.cli import base_parser
-from common.plot import assets_dir, line_plot
+from common.plot import line_plot
 from common.seed import seed_everything
 
 
@@ -89,6 +90,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-rationalize", action="store_true")
     args = p.parse_args(argv)
+    if min(args.n_seed, args.n_pool, args.n_test, args.rounds, args.seed_iters, args.iters, args.batch_size) < 1:
+        p.error("--n-seed, --n-pool, --n-test, --rounds, --seed-iters, --iters and --batch-size must be at least 1")
     seed_everything(args.seed)
     probs = make_problems(args.n_seed + args.n_pool + args.n_test, max_value=args.max_value, seed=args.seed)
     seed_set, pool = probs[: args.n_seed], probs[args.n_seed : args.n_seed + args.n_pool]
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
     rounds = list(range(args.rounds + 1))
     plot = line_plot(
         {"STaR": (rounds, [100 * a for a in star_acc]), "initial data only": (rounds, [100 * a for a in control_acc])},
-        assets_dir(__file__) / "star_accuracy.png",
+        plot_dir(args.out, __file__) / "star_accuracy.png",
         title="STaR: held-out exact match per round",
         xlabel="round",
         ylabel="accuracy (%)",
