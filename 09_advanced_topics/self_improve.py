@@ -12,8 +12,8 @@ M0 is the ch01 mini-GPT fine-tuned on the seed set (plain prompts, and prompts w
   4. M_r = M0 fine-tuned again (restart, as in the paper) on seed + this round's kept rationales.
 The control ("initial data only") fine-tunes M0 on the seed set for the same number of steps each round.
 
-    python 09_advanced_topics/self_improve.py                        # 3 rounds, ~4.5 min of CPU time (1 thread)
-    python 09_advanced_topics/self_improve.py --rounds 5 --n-pool 2000 --iters 600
+    python 09_advanced_topics/self_improve.py                        # 3 rounds, ~3 min on one CPU core
+    python 09_advanced_topics/self_improve.py --n-pool 800 --seed-iters 600 --iters 250   # ~5 min
 
 Reference: Zelikman, Wu, Mu, Goodman 2022, "STaR: Bootstrapping Reasoning With Reasoning" (NeurIPS).
 """
@@ -80,12 +80,12 @@ def accuracy(model, tok, problems: list[Problem], max_new_tokens: int = 40) -> f
 def main(argv=None) -> dict:
     p = base_parser(__doc__)
     p.add_argument("--n-seed", type=int, default=300, help="problems with gold rationales")
-    p.add_argument("--n-pool", type=int, default=800, help="problems with answers only")
+    p.add_argument("--n-pool", type=int, default=500, help="problems with answers only")
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--max-value", type=int, default=9)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seed-iters", type=int, default=600, help="steps to train M0 on the seed set")
-    p.add_argument("--iters", type=int, default=250, help="fine-tuning steps per round (STaR and control)")
+    p.add_argument("--seed-iters", type=int, default=500, help="steps to train M0 on the seed set")
+    p.add_argument("--iters", type=int, default=200, help="fine-tuning steps per round (STaR and control)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-rationalize", action="store_true")
