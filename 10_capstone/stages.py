@@ -116,7 +116,8 @@ def stage_train(run: Run) -> dict:
     ckpt_dir = run.dir / "checkpoints"
     fp = run.fingerprint("train")
     marker = ckpt_dir / "fingerprint.txt"
-    resume = (ckpt_dir / "ckpt.safetensors").exists() and marker.exists() and marker.read_text() == fp
+    resume = (not run.force and (ckpt_dir / "ckpt.safetensors").exists() and marker.exists()
+              and marker.read_text() == fp)  # same config, interrupted earlier: continue; --force: start over
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True)

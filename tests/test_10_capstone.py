@@ -105,6 +105,24 @@ def test_rerun_skips_up_to_date_stages(run_dir, capsys):
     assert (d / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_force_retrains_from_scratch_and_interrupted_training_resumes(run_dir, tmp_path):
+    import shutil
+
+    from ch10.config import load_config
+    from ch10.stages import Run, run_stage
+
+    d, _ = run_dir
+    root = tmp_path / "runs"
+    shutil.copytree(d, root / "tiny")
+    run = Run(load_config("tiny"), root, progress=False)
+    stages = json.loads((root / "tiny" / "stages.json").read_text())
+    del stages["train"]  # as if training had been interrupted after its last checkpoint
+    (root / "tiny" / "stages.json").write_text(json.dumps(stages))
+    assert run_stage(run, "train")["resumed"] is True
+    run.force = True
+    assert run_stage(run, "train")["resumed"] is False
+
+
 def test_server_answers_through_openai_client(run_dir):
     import openai
 
