@@ -195,6 +195,15 @@ def test_peak_memory_sees_a_large_allocation():
     assert "torch" in bench.hardware_info()
 
 
+def test_cli_rejects_a_missing_device_in_one_sentence(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        base_parser("x").parse_args(["--device", "cuda"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Traceback" not in err
+
+
 def test_cli_shared_arguments():
     args = base_parser("x").parse_args(["--device", "cpu", "--seed", "3"])
     assert (args.device, args.seed, args.dtype) == ("cpu", 3, "float32")
