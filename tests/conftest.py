@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "mlx" in item.keywords and not has_mlx:
             item.add_marker(pytest.mark.skip(reason="needs MLX (pip install 'mlx[cpu]' on Linux)"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tiny models: faster, and stays fast when the machine is shared (two spinning OpenMP
+    threads on an oversubscribed CPU made small ops ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

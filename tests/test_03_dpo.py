@@ -9,14 +9,6 @@ import torch
 from ch01.pretrained import pretrained_char_model
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_hf_char_tokenizer_round_trips():
     from ch03.hf_tokenizer import check_roundtrip, hf_char_tokenizer
 

@@ -10,15 +10,6 @@ from ch03.reward_model import bradley_terry_loss
 from ch03.true_reward import score_text, true_reward
 
 
-@pytest.fixture
-def one_thread():
-    """These models are tiny: one thread is fastest, and stays fast when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bradley_terry_loss_matches_hand_calculation():
     r_c, r_r = torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 1.5, -2.0])
     sig = lambda x: 1 / (1 + math.exp(-x))

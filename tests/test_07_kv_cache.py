@@ -7,14 +7,7 @@ from ch01.model import GPT, DynamicKVCache, GPTConfig
 from ch07.kv_cache import StaticKVCache, generate, left_pad
 from ch07.sampling import Sampler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make small ops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

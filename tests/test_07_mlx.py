@@ -7,16 +7,7 @@ import torch
 from ch01.model import GPT, GPTConfig
 
 mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install mlx[cpu] on Linux)")
-pytestmark = pytest.mark.mlx
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make small ops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.mlx, pytest.mark.usefixtures("one_thread")]
 
 
 def torch_and_mlx(tmp_path, **kw):

@@ -6,14 +6,7 @@ import torch
 from ch01.model import GPT, DynamicKVCache, GPTConfig
 from ch07.paged_kv_cache import OutOfBlocks, PagedKVCache, paged_forward
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make small ops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
