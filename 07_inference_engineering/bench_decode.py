@@ -1,12 +1,15 @@
-"""Decode speed side by side: no cache vs static KV cache vs compiled decode step vs Hugging Face ``generate`` (same
-weights) vs speculative decoding (k = 2, 4, 6) vs MLX — greedy, one prompt, tokens/s at several output lengths.
+"""Decode speed side by side: no cache vs static KV cache vs the same with fused weights vs compiled decode step vs
+Hugging Face ``generate`` (same weights) vs speculative decoding (k = 2, 4, 6) vs MLX — greedy, one prompt, tokens/s.
 
     python 07_inference_engineering/bench_decode.py                      # 64-token prompt, 512 new tokens (minutes)
     python 07_inference_engineering/bench_decode.py --new-tokens 128 256 512 --threads 1
 
 Every row decodes the same prompt greedily with the chapter's target model (6 layers × 256, block 640; trained and
-cached on first use by ch07.models) and reports whether its tokens equal the static-cache output. The plot shows
-tokens/s against the number of generated tokens: without a cache the per-token cost grows with the sequence.
+cached on first use by ch07.models) and reports whether its tokens equal the static-cache output. Speculative rows run
+both models through ``FusedDecoder`` and are compared with fused greedy decoding ("x fused greedy"): same engine, so the
+ratio is what speculation itself buys. Timing is round-robin (every method once, then again, ``--repeats`` times) and
+reports medians, so a load change on a shared machine hits all methods alike. The plot shows tokens/s against the
+number of generated tokens: without a cache the per-token cost grows with the sequence.
 References: Pope et al. 2022; Leviathan et al. 2023; gpt-fast; MLX.
 """
 
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+from ch07.fused_decode import FusedDecoder
 from ch07.kv_cache import generate
 from ch07.models import decode_models
 from ch07.speculative import speculative_generate
@@ -26,21 +30,24 @@ from common.cli import base_parser
 from common.plot import assets_dir, line_plot
 
 
-def timed(fn, repeats: int):
-    """(median seconds, last output) over ``repeats`` runs."""
-    times, out = [], None
+def round_robin(fns: dict, repeats: int):
+    """{name: (median seconds, last output)}: each repeat runs every fn once, in turn."""
+    times, outs = {name: [] for name in fns}, {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def methods(target, draft, prompt, args):
     """name -> fn(n_new) returning (new ids (1, n) as a list, extra info dict)."""
+    fused_target, fused_draft = FusedDecoder(target), FusedDecoder(draft)
     out = {
         "no cache": lambda n: (generate(target, prompt, n, use_cache=False)[0].tolist(), {}),
         "static cache": lambda n: (generate(target, prompt, n)[0].tolist(), {}),
+        "static cache, fused weights": lambda n: (generate(fused_target, prompt, n)[0].tolist(), {}),
     }
     if args.compile:
         out["static cache + torch.compile"] = lambda n: (generate(target, prompt, n, compile_step=True)[0].tolist(), {})
@@ -67,10 +74,10 @@ def methods(target, draft, prompt, args):
     for k in args.k:
 
         def spec(n, k=k):
-            ids, st = speculative_generate(target, draft, prompt, n, k=k)
+            ids, st = speculative_generate(fused_target, fused_draft, prompt, n, k=k)
             return ids[0].tolist(), {"acceptance": f"{st.acceptance_rate:.2f}"}
 
-        out[f"speculative k={k}"] = spec
+        out[f"speculative k={k} (fused)"] = spec
     if args.mlx:
         try:
             import mlx.core as mx
@@ -91,7 +98,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 512])
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6], help="draft lengths for speculative decoding")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-hf", dest="hf", action="store_false")
@@ -118,29 +125,42 @@ def main(argv=None):
             fn(8)
     rows, series = [], {name: ([], []) for name in fns}
     for n in args.new_tokens:
-        outs, tps = {}, {}
-        for name, fn in fns.items():
-            if name == "no cache" and n > args.skip_no_cache_above:
-                continue
-            sec, (outs[name], info) = timed(lambda fn=fn, n=n: fn(n), args.repeats)
-            tps[name] = n / sec
+        todo = {
+            name: (lambda fn=fn, n=n: fn(n))
+            for name, fn in fns.items()
+            if not (name == "no cache" and n > args.skip_no_cache_above)
+        }
+        results = round_robin(todo, args.repeats)
+        tps = {name: n / sec for name, (sec, _) in results.items()}
+        for name, (_, (ids, info)) in results.items():
             series[name][0].append(n)
             series[name][1].append(tps[name])
-            rows.append(
-                {"new tokens": n, "method": name, "tokens/s": tps[name], "acceptance": info.get("acceptance", "")}
-            )
+            row = {"new tokens": n, "method": name, "tokens/s": tps[name], "acceptance": info.get("acceptance", "")}
+            row["identical to cache"] = ids == results["static cache"][1][0]
+            row["x static cache"] = tps[name] / tps["static cache"]
+            for base, col in (("no cache", "x no cache"), ("HF LlamaForCausalLM.generate", "x HF generate")):
+                if base in tps:
+                    row[col] = tps[name] / tps[base]
+            if name.startswith("speculative"):
+                row["x fused greedy"] = tps[name] / tps["static cache, fused weights"]
+            rows.append(row)
             print(f"  {n:4d} {name:32s} {tps[name]:8.1f} tok/s", flush=True)
-        for r in rows[-len(outs) :]:
-            r["identical to cache"] = outs[r["method"]] == outs["static cache"]
-            r["x static cache"] = r["tokens/s"] / tps["static cache"]
-            if "no cache" in tps:
-                r["x no cache"] = r["tokens/s"] / tps["no cache"]
     cfg = target.config
     print(
         f"\n{hardware_info()} (intra-op threads {args.threads}); target {target.num_params() / 1e6:.1f}M params "
         f"({cfg.n_layer} layers × {cfg.n_embd}), draft {draft.num_params() / 1e6:.2f}M; prompt {args.prompt_len}"
     )
-    cols = ["new tokens", "method", "tokens/s", "x no cache", "x static cache", "acceptance", "identical to cache"]
+    cols = [
+        "new tokens",
+        "method",
+        "tokens/s",
+        "x no cache",
+        "x static cache",
+        "x HF generate",
+        "x fused greedy",
+        "acceptance",
+        "identical to cache",
+    ]
     print(markdown_table(rows, cols, floatfmt=".2f"))
     path = line_plot(
         {k: v for k, v in series.items() if v[0]},

@@ -136,11 +136,18 @@ def generate(
     cache: StaticKVCache | None = None,
     compile_step: bool = False,
     pad_id: int = 0,
+    fused: bool = False,
 ) -> torch.Tensor:
     """New token ids (B, n) for a batch of prompts (n = max_new_tokens, fewer if every row hit ``eos_id``; rows that
-    finished early are filled with ``eos_id``). ``use_cache=False`` re-runs the whole sequence every step (baseline)."""
+    finished early are filled with ``eos_id``). ``use_cache=False`` re-runs the whole sequence every step (baseline).
+    ``fused=True`` decodes with ``ch07.fused_decode.FusedDecoder(model)`` (same logits, fewer ops); ``model`` may also
+    be a ``FusedDecoder`` already (saves rebuilding it per call)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if fused and isinstance(model, GPT):
+        from ch07.fused_decode import FusedDecoder
+
+        model = FusedDecoder(model)
     device = next(model.parameters()).device
     ids, pad_mask = left_pad(prompt_ids, pad_id, device)  # (B, T0), (B, T0) | None
     B, T0 = ids.shape

@@ -1,0 +1,136 @@
+"""What an inference engine does to a training model: the same weights, repacked for decoding with fewer, bigger ops.
+
+    from ch07.fused_decode import FusedDecoder
+    fast = FusedDecoder(model)                               # model: a ch01 GPT (RoPE / RMSNorm / SwiGLU)
+    logits = fast(idx, kv_cache=cache, start_pos=pos)        # same call and same logits as model(...)
+    new_ids = generate(model, prompt, 200, fused=True)       # ch07.kv_cache.generate uses it
+
+Why: on a CPU a decode step of a small model is not limited by FLOPs or by reading the weights but by the NUMBER of
+operator calls — each one costs microseconds of Python, autograd-free dispatch and memory allocation, whatever its size.
+ch01's readable forward spends ~50 calls per layer (separate q/k/v projections, RoPE as chunk/neg/cat/mul/add, RMSNorm as
+six elementwise ops, float casts, GQA repeats). gpt-fast and every serving engine fuse them away:
+
+- one QKV projection (``cat([wq, wk, wv])``) and one gate+up projection (``cat([w1, w3])``) instead of 3 + 2 matmuls;
+- RoPE precomputed once as a rotation MATRIX per position (rotating pairs (i, i+D/2) is linear), so q and k of all
+  heads are rotated by one batched matmul instead of ~12 elementwise ops;
+- ``F.rms_norm`` (one fused op), ``F.silu``, SDPA with ``enable_gqa`` (no repeated K/V), and the KV cache written in
+  place with no reallocation (``StaticKVCache``);
+- no ``nn.Module.__call__`` per layer (plain tensors in a list), and only the last position's logits when asked.
+
+The result is numerically the ch01 model (float32 logits equal within ~1e-5; tests compare them and greedy tokens).
+``bench_decode.py`` measures the difference. References: gpt-fast (PyTorch team, 2023); Pope et al. 2022.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ch01.functional import rope_cache
+from ch01.model import GPT
+
+
+def rope_matrices(head_dim: int, n_pos: int, theta: float) -> torch.Tensor:
+    """(n_pos, D, D) matrices R_p with x @ R_p == ch01's apply_rope(x) at position p (rotate-half layout)."""
+    cos, sin = rope_cache(head_dim, torch.arange(n_pos), theta)  # 2 × (P, D)
+    h = head_dim // 2
+    i = torch.arange(h)
+    R = torch.zeros(n_pos, head_dim, head_dim)
+    R[:, i, i] = cos[:, :h]  # out[i]   = x[i]·cos_i − x[i+h]·sin_i
+    R[:, i + h, i] = -sin[:, :h]
+    R[:, i + h, i + h] = cos[:, h:]  # out[i+h] = x[i+h]·cos_i + x[i]·sin_i
+    R[:, i, i + h] = sin[:, h:]
+    return R
+
+
+class FusedDecoder:
+    """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
+    build it again after changing the model's parameters."""
+
+    def __init__(self, model: GPT):
+        cfg = model.config
+        if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
+            raise ValueError(
+                "FusedDecoder supports the Llama-style ch01 model (pos_emb='rope', norm='rmsnorm', "
+                f"mlp='swiglu'); got {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}: use the model itself"
+            )
+        self.config = cfg
+        p = next(model.parameters())
+        with torch.no_grad():
+            self.layers = [
+                dict(
+                    attn_norm=b.attn_norm.weight.detach(),
+                    wqkv=torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).detach(),  # (Hq+2Hkv)D × C
+                    wo=b.attn.wo.weight.detach(),
+                    mlp_norm=b.mlp_norm.weight.detach(),
+                    w13=torch.cat([b.mlp.w1.weight, b.mlp.w3.weight]).detach(),  # 2F × C
+                    w2=b.mlp.w2.weight.detach(),
+                )
+                for b in model.blocks
+            ]
+            self.tok_emb = model.tok_emb.weight.detach()
+            self.norm = model.norm.weight.detach()
+            self.lm_head = model.lm_head.weight.detach()
+            self.rope = rope_matrices(cfg.head_dim, cfg.block_size, cfg.rope_theta).to(p.device, p.dtype)
+
+    def parameters(self):  # so ``next(decoder.parameters())`` finds device/dtype like for a model
+        yield self.tok_emb
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        idx: torch.Tensor,
+        kv_cache=None,
+        start_pos: int = 0,
+        key_padding_mask: torch.Tensor | None = None,
+        last: int | None = None,
+    ) -> torch.Tensor:
+        """Same contract as ``GPT.forward`` (logits (B, T, V)); ``last=n`` computes logits for the last n positions only.
+
+        ``kv_cache`` must be a ``ch07.kv_cache.StaticKVCache`` (or None: attention over ``idx`` alone)."""
+        cfg = self.config
+        B, T = idx.shape
+        S = start_pos + T
+        if S > cfg.block_size:
+            raise ValueError(f"sequence of {S} tokens exceeds block_size={cfg.block_size}")
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        mask = GPT._attention_mask(T, start_pos, key_padding_mask, idx.device)  # None | (B|1, 1, T, S)
+        causal = mask is None and T > 1
+        rot = self.rope[start_pos:S]  # (T, D, D)
+        gqa = Hkv != H
+        x = F.embedding(idx, self.tok_emb)  # (B, T, C)
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (cfg.n_embd,), w["attn_norm"], cfg.norm_eps)
+            qkv = F.linear(h, w["wqkv"]).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, Hq+2Hkv, T, D)
+            qk = (qkv[:, : H + Hkv].unsqueeze(-2) @ rot).squeeze(-2)  # RoPE on q and k at once: (B, Hq+Hkv, T, D)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+            if kv_cache is not None:
+                kv_cache.k[i][:B, :, start_pos:S] = k  # in place, as StaticKVCache.update does
+                kv_cache.v[i][:B, :, start_pos:S] = v
+                k, v = kv_cache.k[i][:B, :, :S], kv_cache.v[i][:B, :, :S]  # (B, Hkv, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), w["wo"])  # (B, T, C)
+            gate, up = F.linear(F.rms_norm(x, (cfg.n_embd,), w["mlp_norm"], cfg.norm_eps), w["w13"]).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w["w2"])
+        if kv_cache is not None:
+            kv_cache.length = S
+        if last is not None:
+            x = x[:, -last:]
+        return F.linear(F.rms_norm(x, (cfg.n_embd,), self.norm, cfg.norm_eps), self.lm_head)  # (B, T|last, V)
+
+
+if __name__ == "__main__":
+    import time
+
+    from ch01.model import GPTConfig
+    from ch07.kv_cache import generate
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("small", vocab_size=65, block_size=256)).eval()
+    prompt = torch.randint(0, 65, (16,))
+    for fused in (False, True):
+        generate(model, prompt, 8, fused=fused)  # warm-up
+        t0 = time.perf_counter()
+        out = generate(model, prompt, 200, fused=fused)
+        print(f"fused={fused}: {200 / (time.perf_counter() - t0):.0f} tokens/s, first ids {out[0, :8].tolist()}")
