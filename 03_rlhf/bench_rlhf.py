@@ -16,7 +16,7 @@ import time
 from ch03.dpo import train_dpo
 from ch03.evaluate import evaluate_policy
 from ch03.ppo import PPOConfig, train_ppo
-from ch03.reward_model import get_reward_model
+from ch03.reward_model import add_rm_args, get_reward_model, rm_kwargs, subset_pairs
 from ch03.rollout import add_policy_args, set_threads
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
@@ -39,8 +39,8 @@ def plot_frontier(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = add_policy_args(base_parser(__doc__.split("\n")[0]))
-    p.add_argument("--pairs", type=int, default=2000)
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p.add_argument("--pairs", type=int, default=2000, help="labelled pairs for DPO (a random subset of the RM's)")
     p.add_argument("--ppo-iters", type=int, default=30)
     p.add_argument("--best-of", default="4,16", help="comma-separated n for best-of-n")
     p.add_argument("--trl-steps", type=int, default=15, help="GRPO/RLOO optimizer steps")
@@ -51,7 +51,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     set_threads(args.threads, args.device)
     quiet = lambda *a: None
-    rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
+    rmd = get_reward_model(args.preset, args.iters, **rm_kwargs(args))
     sft, rm, tok, ids = rmd["policy"], rmd["rm"], rmd["tok"], rmd["train_ids"]
     P, R = rmd["settings"]["prompt_len"], rmd["settings"]["response_len"]
     ev = lambda pol, **kw: evaluate_policy(pol, sft, rm, tok, ids, args.eval_samples, P, R, **kw)
@@ -79,7 +79,9 @@ def main(argv=None):
         pol, _ = train_ppo(sft, rm, tok, ids, cfg, seed=args.seed, log=quiet)
         add(name, time.perf_counter() - t0, ev(pol))
     t0 = time.perf_counter()
-    pol, _ = train_dpo(sft, rmd["train_pairs"], P, beta=0.1, epochs=1, seed=args.seed, log=quiet)
+    pol, _ = train_dpo(
+        sft, subset_pairs(rmd["train_pairs"], args.pairs, args.seed), P, beta=0.1, epochs=1, seed=args.seed, log=quiet
+    )
     add("DPO scratch", time.perf_counter() - t0, ev(pol))
     if not args.skip_trl:
         from ch03.trl_rlhf import run_trl
@@ -93,6 +95,7 @@ def main(argv=None):
             eval_samples=args.eval_samples,
             seed=args.seed,
             log=quiet,
+            rm_kw=rm_kwargs(args),
         )
         for r in out["rows"]:
             add(r["method"], r["train_s"], {k: r[k] for k in ("true_reward", "rm_reward", "kl")})

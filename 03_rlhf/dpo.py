@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ch01.model import GPT
 from ch03.evaluate import evaluate_policy
-from ch03.reward_model import get_reward_model
+from ch03.reward_model import add_rm_args, get_reward_model, rm_kwargs, subset_pairs
 from ch03.rollout import add_policy_args, set_threads
 from common.cli import base_parser
 from common.seed import seed_everything
@@ -104,19 +104,25 @@ def train_dpo(
 
 
 def main(argv=None):
-    p = add_policy_args(base_parser(__doc__.split("\n")[0]))
-    p.add_argument("--pairs", type=int, default=2000, help="preference pairs (shared with reward_model.py)")
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p.add_argument("--pairs", type=int, default=2000, help="labelled pairs to train on (a random subset of the RM's)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β (strength of the implicit KL constraint)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-samples", type=int, default=256)
     args = p.parse_args(argv)
     set_threads(args.threads, args.device)
-    rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
+    rmd = get_reward_model(args.preset, args.iters, **rm_kwargs(args))
     P = rmd["settings"]["prompt_len"]
     t0 = time.perf_counter()
     policy, history = train_dpo(
-        rmd["policy"], rmd["train_pairs"], P, args.beta, args.epochs, lr=args.lr, seed=args.seed
+        rmd["policy"],
+        subset_pairs(rmd["train_pairs"], args.pairs, args.seed),
+        P,
+        args.beta,
+        args.epochs,
+        lr=args.lr,
+        seed=args.seed,
     )
     train_s = time.perf_counter() - t0
     ev = lambda pol: evaluate_policy(pol, rmd["policy"], rmd["rm"], rmd["tok"], rmd["train_ids"], args.eval_samples, P)

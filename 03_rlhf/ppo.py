@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ch01.model import GPT
-from ch03.reward_model import RewardModel, get_reward_model
+from ch03.reward_model import RewardModel, add_rm_args, get_reward_model, rm_kwargs
 from ch03.rollout import (
     add_policy_args,
     decode_responses,
@@ -251,14 +251,13 @@ def plot_runs(runs: dict[str, list[dict]], path, target_kl: float | None = None)
 
 
 def main(argv=None):
-    p = add_policy_args(base_parser(__doc__.split("\n")[0]))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
     defaults = PPOConfig()
     p.add_argument("--ppo-iters", type=int, default=defaults.iters)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--target-kl", type=float, default=defaults.target_kl)
     p.add_argument("--init-kl-coef", type=float, default=defaults.init_kl_coef)
-    p.add_argument("--pairs", type=int, default=2000, help="reward-model training pairs (see reward_model.py)")
     p.add_argument(
         "--runs",
         default="adaptive,zero",
@@ -269,7 +268,7 @@ def main(argv=None):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     set_threads(args.threads, args.device)
-    rmd = get_reward_model(args.preset, args.iters, n_pairs=args.pairs, seed=args.seed)
+    rmd = get_reward_model(args.preset, args.iters, **rm_kwargs(args))
     print(f"reward model: held-out pair accuracy {rmd['metrics']['pair_accuracy']:.3f}")
     cfg = PPOConfig(
         iters=args.ppo_iters,

@@ -28,7 +28,7 @@ import torch
 from ch01.hf_interop import from_hf, save_hf
 from ch03.evaluate import evaluate_policy
 from ch03.hf_tokenizer import EOS_CHAR, hf_char_tokenizer
-from ch03.reward_model import get_reward_model
+from ch03.reward_model import add_rm_args, get_reward_model, rm_kwargs, subset_pairs
 from ch03.rollout import add_policy_args, fingerprint, sample_prompts, set_threads
 from ch03.true_reward import true_reward
 from common.cli import base_parser
@@ -195,6 +195,7 @@ def run_trl(
     eval_samples=256,
     seed=1337,
     log=print,
+    rm_kw: dict | None = None,
 ) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -203,7 +204,8 @@ def run_trl(
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    rmd = get_reward_model(preset, iters, n_pairs=pairs, seed=seed, log=log)
+    rmd = get_reward_model(preset, iters, **(rm_kw or {"seed": seed}), log=log)
+    train_pairs = subset_pairs(rmd["train_pairs"], pairs, seed)  # the same fixed budget of pairs as our dpo.py
     P, R = rmd["settings"]["prompt_len"], rmd["settings"]["response_len"]
     tok, policy = rmd["tok"], rmd["policy"]
     model_dir = export_policy(policy, tok)
@@ -215,8 +217,8 @@ def run_trl(
         if method == "reward":
             res = run_reward_trainer(
                 model_dir,
-                pairs_dataset(rmd["train_pairs"], tok, P),
-                pairs_dataset(rmd["test_pairs"], tok, P),
+                pairs_dataset(train_pairs, tok, P),
+                pairs_dataset(subset_pairs(rmd["test_pairs"], pairs, seed), tok, P),
                 steps * 3,
                 out_dir,
             )
@@ -239,7 +241,7 @@ def run_trl(
                 beta=0.02,
             )
         elif method == "dpo":
-            pol = run_dpo(model_dir, pairs_dataset(rmd["train_pairs"], tok, P), dpo_epochs, out_dir, beta=0.1, lr=1e-4)
+            pol = run_dpo(model_dir, pairs_dataset(train_pairs, tok, P), dpo_epochs, out_dir, beta=0.1, lr=1e-4)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         train_s = time.perf_counter() - t0
@@ -251,11 +253,11 @@ def run_trl(
 
 
 def main(argv=None):
-    p = add_policy_args(base_parser(__doc__.split("\n")[0]))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps for GRPO/RLOO (RewardTrainer: 3×)")
     p.add_argument("--reward", default="rm", choices=["rm", "true"], help="GRPO/RLOO reward: our RM or the true one")
-    p.add_argument("--pairs", type=int, default=2000)
+    p.add_argument("--pairs", type=int, default=2000, help="labelled pairs for RewardTrainer / DPO (random subset)")
     p.add_argument("--dpo-epochs", type=int, default=1)
     p.add_argument("--eval-samples", type=int, default=256)
     args = p.parse_args(argv)
@@ -274,6 +276,7 @@ def main(argv=None):
         args.dpo_epochs,
         args.eval_samples,
         args.seed,
+        rm_kw=rm_kwargs(args),
     )
     from common.bench import markdown_table
 

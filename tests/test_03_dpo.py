@@ -80,13 +80,19 @@ def test_dpo_loss_equals_trl_dpo_trainer_loss(tmp_path, one_thread):
     assert abs(trl_loss - math.log(2)) > 1e-3  # the policy differs from the reference: not the trivial log 2
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_reward_model_beats_chance_on_held_out_pairs(one_thread):
     from ch03.reward_model import get_reward_model
 
-    out = get_reward_model("tiny", 200, n_pairs=400, n_eval=500, log=lambda *a: None)
-    n = len(out["test_pairs"]["chosen"])
+    gap = 0.25  # the tiny 200-step policy writes near-gibberish, so its rewards differ less than the small one's
+    out = get_reward_model(
+        "tiny", 200, n_prompts=300, n_eval_prompts=150, k=6, min_gap=gap, epochs=2, use_cache=False, log=lambda *a: None
+    )
+    n = out["metrics"]["held_out_pairs"]
+    assert n == len(out["test_pairs"]["chosen"]) > 50
+    # every labelled pair respects the margin rule, on both splits
+    for split in ("train_pairs", "test_pairs"):
+        assert (out[split]["true_chosen"] - out[split]["true_rejected"] >= gap).all()
     # held-out accuracy must clear chance by two binomial standard deviations
     assert out["metrics"]["pair_accuracy"] > 0.5 + 2 * math.sqrt(0.25 / n), out["metrics"]
     assert out["metrics"]["spearman"] > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ch03.ppo import AdaptiveKLController, PPOConfig, gae, ppo_losses, train_ppo
-from ch03.reward_model import bradley_terry_loss
+from ch03.reward_model import bradley_terry_loss, group_bt_loss, pairs_from_groups
 from ch03.true_reward import score_text, true_reward
 
 
@@ -17,6 +17,21 @@ def test_bradley_terry_loss_matches_hand_calculation():
     assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(expected, rel=1e-6)
     # a huge margin stays finite (logsigmoid, not log(sigmoid))
     assert torch.isfinite(bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0])))
+
+
+def test_group_bt_loss_uses_exactly_the_pairs_beyond_the_margin():
+    # one prompt, K = 3 responses with true rewards 2.0, 1.5, 0.0: with margin 1.0 only (0 ≻ 2) and (1 ≻ 2) are labelled
+    true = torch.tensor([[2.0, 1.5, 0.0]])
+    scores = torch.tensor([[0.3, -0.2, 0.1]])
+    expected = bradley_terry_loss(torch.tensor([0.3, -0.2]), torch.tensor([0.1, 0.1]))
+    assert group_bt_loss(scores, true, min_gap=1.0).item() == pytest.approx(expected.item())
+    seqs = torch.arange(3)[None, :, None].expand(1, 3, 4)  # (1, K, T): response i is all i
+    pairs = pairs_from_groups({"seqs": seqs, "true": true}, min_gap=1.0)
+    assert pairs["chosen"][:, 0].tolist() == [0, 1] and pairs["rejected"][:, 0].tolist() == [2, 2]
+    # no labelled pair: zero loss, still differentiable
+    s = scores.clone().requires_grad_()
+    group_bt_loss(s, torch.zeros(1, 3), min_gap=1.0).backward()
+    assert s.grad.abs().sum() == 0
 
 
 def test_gae_matches_hand_computed_example():
