@@ -1,12 +1,13 @@
-"""Parallel (chunked) scan vs the sequential loop for Mamba's selective scan, over sequence lengths L = 256 … 4096.
+"""Parallel scans vs the sequential loop for Mamba's selective scan, over sequence lengths L = 256 … 4096.
 
 Times the whole ``selective_scan`` (discretisation, scan, readout C·h) for one sequence, forward only (inference /
-prefill) and forward + backward (training), for the sequential loop and both chunked parallel variants of scan.py.
+prefill) and forward + backward (training), for the sequential loop, the log-space chunked scan (logscan.py, the
+default "parallel" path) and the generic associative chunked scan on (a, b) (scan.py).
 Reports wall-clock medians and, because the machine may be shared, also CPU time per call (``time.process_time``),
-which other jobs disturb much less.
+which other jobs disturb much less (with --threads > 1, CPU time adds up over threads: read wall time).
 
     python 05_emerging_architectures/bench_scan.py                              # L = 256 … 4096, E=128, N=16
-    python 05_emerging_architectures/bench_scan.py --lengths 512 2048 --d-inner 256
+    python 05_emerging_architectures/bench_scan.py --lengths 2048 --threads 2 --no-plot
 
 Reference: Blelloch 1990 (prefix sums); Gu & Dao 2023 (Mamba, hardware-aware scan); alxndrTL/mamba.py (pscan).
 """
@@ -19,15 +20,17 @@ from functools import partial
 
 import torch
 
+from ch05.logscan import choose_chunk
 from ch05.scan import parallel_scan, selective_scan, sequential_scan
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
 from common.plot import assets_dir, line_plot
 
+PARALLEL = "parallel (log-space chunks)"
 VARIANTS = {
     "sequential": sequential_scan,
-    "parallel (chunked, stepped)": partial(parallel_scan, inner="stepped"),
-    "parallel (chunked, Hillis-Steele)": partial(parallel_scan, inner="hillis-steele"),
+    PARALLEL: "parallel",
+    "associative (chunked, stepped)": partial(parallel_scan, inner="stepped"),
 }
 
 
@@ -73,8 +76,10 @@ def main(argv=None) -> dict:
     p.add_argument("--d-state", type=int, default=16, help="N: state size per channel")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-seq-backward", type=int, default=2048, help="skip the sequential fwd+bwd beyond this L")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the README's main table: 1)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     check = inputs(300, 8, 4)  # the variants must agree before they are timed
     ref = selective_scan(*check, scan=sequential_scan)
@@ -94,14 +99,16 @@ def main(argv=None) -> dict:
                 row[f"{variant} ms"] = times[variant][0] * 1e3
                 row[f"{variant} CPU ms"] = times[variant][1] * 1e3
             seq = times.get("sequential")
-            par = times["parallel (chunked, stepped)"]
+            par = times[PARALLEL]
             row["speed-up (wall)"] = seq[0] / par[0] if seq else float("nan")
             row["speed-up (CPU time)"] = seq[1] / par[1] if seq else float("nan")
             rows.append(row)
             print(f"{mode} L={L}: {row}", flush=True)
+    chunks = {L: choose_chunk(*inputs(L, args.d_inner, args.d_state)[1:3]) for L in args.lengths}
     print(
-        f"\n{hardware_info()}\nselective scan, batch 1, E={args.d_inner}, N={args.d_state}, float32; "
-        f"medians of {args.repeats}\n{markdown_table(rows, floatfmt='.2f')}"
+        f"\n{hardware_info()}\nselective scan, batch 1, E={args.d_inner}, N={args.d_state}, float32, "
+        f"{torch.get_num_threads()} thread(s); medians of {args.repeats}; log-space chunk length by L: {chunks}\n"
+        f"{markdown_table(rows, floatfmt='.2f')}"
     )
     plot = None
     if not args.no_plot:
@@ -111,12 +118,12 @@ def main(argv=None) -> dict:
                 [r[f"{v} CPU ms"] for r in rows if r["pass"] == m and f"{v} CPU ms" in r],
             )
             for m in ("forward", "fwd+bwd")
-            for v in ("sequential", "parallel (chunked, stepped)")
+            for v in VARIANTS
         }
         plot = line_plot(
             series,
             assets_dir(__file__) / "bench_scan.png",
-            title="selective scan: sequential vs parallel",
+            title=f"selective scan (E={args.d_inner}, N={args.d_state}, 1 sequence, {torch.get_num_threads()} thread)",
             xlabel="sequence length L",
             ylabel="CPU ms per call (median)",
             logx=True,
