@@ -26,9 +26,12 @@ Reference: Gu & Dao 2023 (Mamba); Dao & Gu 2024 (Mamba-2, chunked "state passing
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 BOUND = 64.0  # max exponent range inside a chunk (see module docstring)
+LOG2E = 1.4426950408889634
 
 
 def _cumsum_(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
@@ -41,6 +44,19 @@ def _cumsum_(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
         for t in range(1, len(xs)):
             xs[t].add_(xs[t - 1])
     return x
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """A scratch buffer reused across calls: a fresh multi-MB tensor costs page faults on every call (~1 ms here)."""
+    key = (name, tuple(shape), like.dtype, like.device, threading.get_ident())  # per thread: no sharing
+    if key not in _WORKSPACES:
+        if len(_WORKSPACES) > 16:  # many shapes (e.g. a sweep over L): keep the cache small
+            _WORKSPACES.clear()
+        _WORKSPACES[key] = like.new_empty(shape)
+    return _WORKSPACES[key]
 
 
 def choose_chunk(delta: torch.Tensor, A: torch.Tensor, max_chunk: int = 32, bound: float = BOUND) -> int | None:
@@ -83,39 +99,40 @@ def _log_decay(delta_c: torch.Tensor, A: torch.Tensor):
     S[:, :, 0] = 0
     S = _cumsum_(S, 2)
     S = (S - S[:, :, T // 2 : T // 2 + 1]).to(delta_c.dtype)  # centred: exponents in [−X/2, X/2]
-    a_first = (delta_c[:, :, 0].unsqueeze(-1) * A).exp_()  # (Bsz, nc, E, N)
+    a_first = (delta_c[:, :, 0].unsqueeze(-1) * (A * LOG2E)).exp2_()  # (Bsz, nc, E, N)
     return S, a_first
 
 
-def _decay(S, negA, out):
-    """P = exp(−A (S_t − S_mid)) (Bsz, nc, T, E, N), written into ``out``."""
-    return torch.mul(S.unsqueeze(-1), negA, out=out).exp_()
+def _decay(S, A, out):
+    """P = exp(−A (S_t − S_mid)) (Bsz, nc, T, E, N), written into ``out``. As 2^(−A·log2(e)·S): torch's exp2 is ~3×
+    faster than its exp on CPU at the same accuracy (≤ 1 ulp measured), and the log2(e) folds into the small A."""
+    return torch.mul(S.unsqueeze(-1), A * -LOG2E, out=out).exp2_()
 
 
-def _forward_block(du, S, a_first, negA, B, C, h0, P, Q):
+def _forward_block(du, S, a_first, A, B, C, h0, P, Q):
     """One block of chunks. du = Δ·u, S (Bsz, nc, T, E); a_first (Bsz, nc, E, N); B, C (Bsz, nc, T, N); h0 (Bsz, E, N)
     state before the block; P, Q (Bsz, nc, T, E, N) work buffers (Q receives the states h).
     Returns y (Bsz, nc, T, E) without the D skip and the state after the block."""
-    _decay(S, negA, P)
+    _decay(S, A, P)
     torch.mul(P, du.unsqueeze(-1), out=Q).mul_(B.unsqueeze(-2))  # P_s · b_s
     P_first, P_last = P[:, :, 0], P[:, :, -1]
     ends = Q.sum(2).div_(P_last)  # (Bsz, nc, E, N) each chunk's end state from a zero start
     into = a_first * P_first  # (Bsz, nc, E, N) weight of the carried-in state
     carry = into / P_last  # decay across the whole chunk
-    h_start = torch.empty_like(ends)
-    h = h0
-    for e, c, hs in zip(ends.unbind(1), carry.unbind(1), h_start.unbind(1)):  # L/T steps over (E, N)
-        hs.copy_(h)
-        h = torch.addcmul(e, c, h)
-    Q[:, :, 0].addcmul_(into, h_start)  # fold the carried-in state into the first term
+    states = torch.empty(ends.shape[0], ends.shape[1] + 1, *ends.shape[2:], dtype=ends.dtype)  # state at chunk starts
+    states[:, 0] = h0
+    starts = states.unbind(1)
+    for j, (e, c) in enumerate(zip(ends.unbind(1), carry.unbind(1))):  # L/T steps over (E, N), one op each
+        torch.addcmul(e, c, starts[j], out=starts[j + 1])
+    Q[:, :, 0].addcmul_(into, states[:, :-1])  # fold the carried-in state into the first term
     H = _cumsum_(Q, 2).div_(P)  # (Bsz, nc, T, E, N) states
-    return torch.einsum("bcten,bctn->bcte", H, C), h
+    return torch.einsum("bcten,bctn->bcte", H, C), states[:, -1]
 
 
 def _backward_block(u, delta, S, a_first, A, B, C, dy, H, g_next, P):
     """Reverse-time scan of one block. H (Bsz, nc, T, E, N) forward states; g_next (Bsz, E, N) = a_{t+1}·g_{t+1} flowing
     in from after the block. Returns du, dΔ (without the D / other terms), dA, dB, dC for the block and the new g_next."""
-    _decay(S, -A, P)
+    _decay(S, A, P)
     R = (dy.unsqueeze(-1) * C.unsqueeze(-2)).div_(P)  # (Bsz, nc, T, E, N) ∂L/∂h_t / P_t
     ends = R.sum(2)  # (Bsz, nc, E, N)
     inv_last = P[:, :, -1].reciprocal()
@@ -145,10 +162,10 @@ class LogSpaceSelectiveScan(torch.autograd.Function):
         Bsz, nc, E, N = uc.shape[0], uc.shape[1], A.shape[0], A.shape[1]
         nb = max(1, block // T)  # chunks per block: the block's (T·nb, E, N) tensors stay in cache
         S, a_first = _log_decay(dc, A)
-        du, negA = dc * uc, -A
+        du = dc * uc
         store = any(ctx.needs_input_grad)
-        P = u.new_empty(Bsz, min(nb, nc), T, E, N)
-        H = u.new_empty(Bsz, nc, T, E, N) if store else torch.empty_like(P)  # all states kept for backward
+        P = _workspace("P", (Bsz, min(nb, nc), T, E, N), u)
+        H = u.new_empty(Bsz, nc, T, E, N) if store else _workspace("Q", P.shape, u)  # all states kept for backward
         y = u.new_empty(Bsz, nc, T, E)
         h = u.new_zeros(Bsz, E, N)
         for i in range(0, nc, nb):
@@ -158,7 +175,7 @@ class LogSpaceSelectiveScan(torch.autograd.Function):
                 du[:, sl],
                 S[:, sl],
                 a_first[:, sl],
-                negA,
+                A,
                 Bc[:, sl],
                 Cc[:, sl],
                 h,
@@ -179,7 +196,7 @@ class LogSpaceSelectiveScan(torch.autograd.Function):
         S, a_first = _log_decay(dc, A)
         nc = uc.shape[1]
         g = u.new_zeros(u.shape[0], A.shape[0], A.shape[1])
-        P = u.new_empty(u.shape[0], min(nb, nc), T, *A.shape)
+        P = _workspace("P", (u.shape[0], min(nb, nc), T, *A.shape), u)
         dA = torch.zeros_like(A)
         du, dd, dB, dC = torch.empty_like(uc), torch.empty_like(uc), torch.empty_like(Bc), torch.empty_like(Cc)
         for i in reversed(range(0, nc, nb)):  # blocks in reverse time order
