@@ -7,9 +7,9 @@ Inside a chunk, with P_t = exp(−A·(S_t − S_mid)) (S_mid: the chunk's middle
     h_t = (1/P_t) · (a_0·P_0·h_start + Σ_{s≤t} P_s·b_s),   b_s = Δ_s u_s B_s,
 
 i.e. one exp, a few multiplies and one cumulative sum over the chunk, all chunks at once; only the chunk-end states
-are carried from chunk to chunk (a loop over L/T small (E, N) tensors). The readout y_t = Σ_n C_t h_t is a batched
-matmul. Work is O(L·E·N) like the loop, but in a few long vectorised passes over cache-sized blocks instead of L
-dependent steps over 2048 values.
+are carried from chunk to chunk (a loop over L/T small (E, N) tensors). The readout y_t = Σ_n C_t h_t is an einsum
+per block. Work is O(L·E·N) like the loop, but in a few long vectorised passes over cache-sized blocks instead of L
+dependent steps over E·N values. The exp is computed as exp2 (3× faster in torch on CPU, same accuracy).
 
 Numerics (float32). |A|·(S_t − S_mid) ≤ X/2 where X = max |A|·(Δ summed over the chunk without its first step).
 The chunk length T is halved until X ≤ ``bound`` (64: P ∈ [e^−32, e^32], far from float32 over/underflow, and the
@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 BOUND = 64.0  # max exponent range inside a chunk (see module docstring)
 LOG2E = 1.4426950408889634
@@ -188,6 +189,7 @@ class LogSpaceSelectiveScan(torch.autograd.Function):
         return y.flatten(1, 2)[:, :L] + D * u
 
     @staticmethod
+    @once_differentiable  # the analytic backward is not itself differentiable (no double backward)
     def backward(ctx, dy):
         u, delta, A, B, C, D, H = ctx.saved_tensors
         L, T, nb = u.shape[1], ctx.T, ctx.nb
@@ -221,7 +223,7 @@ class LogSpaceSelectiveScan(torch.autograd.Function):
         return du + dy * D, dd, dA, dB, dC, dD, None, None
 
 
-def logspace_selective_scan(u, delta, A, B, C, D, max_chunk: int = 32, block: int = 256, bound: float = BOUND):
+def logspace_selective_scan(u, delta, A, B, C, D, max_chunk: int = 32, block: int = 512, bound: float = BOUND):
     """``selective_scan`` (scan.py) computed in chunks via cumulative sums; same arguments and result.
     Falls back to the generic chunked scan when a single step decays by more than e^−bound (see module docstring)."""
     T = choose_chunk(delta, A, max_chunk, bound)
