@@ -6,7 +6,7 @@ Reports parameters (total / active per token), validation loss (ch01's determini
 and inference tokens/s with a KV cache (Transformers) or the recurrent state (Mamba), plus one plot of val-loss curves.
 
     python 05_emerging_architectures/compare.py                                  # tiny preset, 150 steps (~1-3 min)
-    python 05_emerging_architectures/compare.py --preset small --iters 600       # the README table
+    python 05_emerging_architectures/compare.py --preset small --iters 1000 --eval-interval 50   # README (~30 min)
 
 References: see the chapter README (Fedus 2021, Jiang 2024, Gu & Dao 2023, Liu 2024).
 """
