@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ch01.model import GPT
+from ch07.fused_decode import FusedDecoder
 from ch07.kv_cache import StaticKVCache, generate
 from ch07.sampling import GREEDY, Sampler
 
@@ -56,6 +57,60 @@ def _probs(sampler: Sampler, logits: torch.Tensor, context: list[int], drafts: l
     return torch.cat(rows)
 
 
+def _last_logits(model, idx: torch.Tensor, cache: StaticKVCache, start_pos: int, last: int) -> torch.Tensor:
+    """Logits (B, last, V) of the last ``last`` positions; a ``FusedDecoder`` skips the LM head for the others."""
+    if isinstance(model, FusedDecoder):
+        return model(idx, kv_cache=cache, start_pos=start_pos, last=last)
+    return model(idx, kv_cache=cache, start_pos=start_pos)[:, -last:]
+
+
+@torch.no_grad()
+def _greedy_speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, k: int, eos_id: int | None):
+    """The greedy special case with cheap bookkeeping: tokens stay in one preallocated id buffer, each draft token is
+    the argmax fed straight into the next draft step (no one-hot distributions, no per-token Python conversions), the
+    target verifies all k drafts in one forward and ONE ``tolist()`` per round compares them with its argmaxes.
+    Rejection is just moving a cache's length back. Same tokens as the general path with ``GREEDY``."""
+    device = prompt.device
+    n0 = prompt.numel()
+    max_len = n0 + max_new_tokens
+    buf = torch.zeros(1, max_len, dtype=torch.long, device=device)  # prompt, emitted tokens, then this round's drafts
+    buf[0, :n0] = prompt
+    tcache, dcache = StaticKVCache.for_model(target, 1, max_len), StaticKVCache.for_model(draft, 1, max_len)
+    t_len = d_len = 0  # valid cache lengths; each cache holds a prefix of buf[:, :n-1]
+    n = n0  # tokens in buf that are final
+    stats = SpecStats()
+    while n - n0 < max_new_tokens:
+        k_eff = min(k, max_new_tokens - (n - n0) - 1)  # never draft past the requested length
+        if k_eff:
+            dcache.rollback(d_len)
+            logits = _last_logits(draft, buf[:, d_len:n], dcache, d_len, 1)  # (1, 1, V): 1 or 2 pending tokens
+            for i in range(k_eff):
+                torch.argmax(logits[:, -1], -1, keepdim=True, out=buf[:, n + i : n + i + 1])  # draft token i
+                if i + 1 < k_eff:
+                    logits = _last_logits(draft, buf[:, n + i : n + i + 1], dcache, n + i, 1)
+            d_len = n + k_eff - 1
+        tcache.rollback(t_len)
+        verify = _last_logits(target, buf[:, t_len : n + k_eff], tcache, t_len, k_eff + 1)  # (1, k_eff + 1, V)
+        best = verify[0].argmax(-1).tolist()  # the target's greedy token after each prefix
+        drafts = buf[0, n : n + k_eff].tolist()
+        accepted = 0
+        while accepted < k_eff and drafts[accepted] == best[accepted]:
+            accepted += 1
+        buf[0, n + accepted] = best[accepted]  # the correction, or the bonus token if all were accepted
+        stats.rounds += 1
+        stats.proposed += k_eff
+        stats.accepted += accepted
+        stats.emitted += accepted + 1
+        new = drafts[:accepted] + [best[accepted]]
+        n += accepted + 1
+        t_len = n - 1  # target cache: keep buf[:, :n-1]
+        d_len = min(d_len, n - 1)  # draft cache: keep what agrees with buf
+        if eos_id is not None and eos_id in new:
+            n -= len(new) - 1 - new.index(eos_id)  # stop right after the first eos
+            break
+    return buf[:, n0:n], stats
+
+
 @torch.no_grad()
 def speculative_generate(
     target: GPT,
@@ -66,8 +121,11 @@ def speculative_generate(
     sampler: Sampler = GREEDY,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    fast_greedy: bool = True,
 ) -> tuple[torch.Tensor, SpecStats]:
-    """New token ids (1, n) for one prompt, plus acceptance statistics."""
+    """New token ids (1, n) for one prompt, plus acceptance statistics. ``target``/``draft`` may be ch01 ``GPT``s or
+    ``FusedDecoder``s. Greedy decoding takes a cheaper special case (``fast_greedy=False`` forces the general
+    accept/reject path, which gives the same tokens)."""
     if k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
     if target.config.vocab_size != draft.config.vocab_size:
@@ -80,6 +138,9 @@ def speculative_generate(
     if max_len > min(target.config.block_size, draft.config.block_size):
         raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds a model's block_size")
     device = next(target.parameters()).device
+    if sampler.greedy and sampler.repetition_penalty == 1.0 and fast_greedy:
+        prompt = torch.tensor(seq, device=device)
+        return _greedy_speculative(target, draft, prompt, max_new_tokens, k, eos_id)
     tcache, dcache = StaticKVCache.for_model(target, 1, max_len), StaticKVCache.for_model(draft, 1, max_len)
     t_len = d_len = 0  # valid cache lengths; invariant: each cache holds a prefix of seq[:-1]
     stats = SpecStats()
@@ -94,18 +155,18 @@ def speculative_generate(
         if k_eff:
             dcache.rollback(d_len)
             pending = torch.tensor([seq[d_len:]], device=device)  # 1 token, or 2 after a round that accepted all
-            logits = draft(pending, kv_cache=dcache, start_pos=d_len)[:, -1]  # (1, V)
+            logits = _last_logits(draft, pending, dcache, d_len, 1)[:, -1]  # (1, V)
             for i in range(k_eff):
                 qi = _probs(sampler, logits, seq, drafts)[0]  # (V,)
                 d = int(qi.argmax()) if sampler.greedy else int(torch.multinomial(qi, 1, generator=generator))
                 drafts.append(d)
                 q.append(qi)
                 if i + 1 < k_eff:
-                    logits = draft(torch.tensor([[d]], device=device), kv_cache=dcache, start_pos=n + i)[:, -1]
+                    logits = _last_logits(draft, torch.tensor([[d]], device=device), dcache, n + i, 1)[:, -1]
             d_len = n + k_eff - 1
         tcache.rollback(t_len)
         verify = torch.tensor([seq[t_len:] + drafts], device=device)  # (1, n - t_len + k_eff)
-        p_logits = target(verify, kv_cache=tcache, start_pos=t_len)[0, -(k_eff + 1) :]  # (k_eff + 1, V)
+        p_logits = _last_logits(target, verify, tcache, t_len, k_eff + 1)[0]  # (k_eff + 1, V)
         p = _probs(sampler, p_logits, seq, drafts)  # (k_eff + 1, V)
         accepted = 0
         new_token = None

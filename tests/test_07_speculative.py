@@ -7,6 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from ch01.model import GPT, GPTConfig
+from ch07.fused_decode import FusedDecoder
 from ch07.kv_cache import generate
 from ch07.sampling import Sampler
 from ch07.speculative import speculative_generate
@@ -46,6 +47,24 @@ def test_greedy_equals_target_greedy(pair, k):
         assert torch.equal(out, generate(target, prompt, 60))
         assert 0.0 < stats.acceptance_rate < 1.0  # both the accept and the reject paths ran
         assert stats.emitted >= 60 and stats.rounds < 60
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gpt", "fused"])
+def test_fast_greedy_path_equals_general_path(pair, fused):
+    """The greedy special case (argmax bookkeeping) gives the general accept/reject path's tokens AND statistics."""
+    target, draft = pair
+    if fused:
+        target, draft = FusedDecoder(target), FusedDecoder(draft)
+    prompt = torch.tensor([5, 3, 7])
+    for k in (1, 2, 4, 7):
+        fast, fast_st = speculative_generate(target, draft, prompt, 50, k=k)
+        slow, slow_st = speculative_generate(target, draft, prompt, 50, k=k, fast_greedy=False)
+        assert torch.equal(fast, slow) and fast.shape == (1, 50)
+        assert fast_st == slow_st and 0 < fast_st.accepted < fast_st.proposed
+    eos = int(slow[0, 20])  # a token that first occurs somewhere in the output: both paths stop right after it
+    fast, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos)
+    slow, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos, fast_greedy=False)
+    assert torch.equal(fast, slow) and fast[0, -1] == eos and eos not in fast[0, :-1].tolist()
 
 
 def test_greedy_with_an_unrelated_draft_still_exact():
