@@ -38,7 +38,7 @@ class MambaConfig:
     dt_max: float = 0.1
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    scan: str = "parallel"  # "parallel" | "sequential"
+    scan: str = "parallel"  # "parallel" (eager log-space) | "compiled" (torch.compile, fastest on CPU) | "sequential"
 
     def __post_init__(self):
         if self.dt_rank is None:

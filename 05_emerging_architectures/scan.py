@@ -12,7 +12,9 @@
 
 ``selective_scan(u, delta, A, B, C, D, scan=...)`` is the S6 layer of Gu & Dao 2023 built on either scan, or
 (scan="parallel", the default) on logscan.py, which uses Mamba's structure a_t = exp(Δ_t A) to replace the cumulative
-products by cumulative sums of Δ — several times faster on CPU than both scans here.
+products by cumulative sums of Δ — several times faster on CPU than both scans here — or (scan="compiled") on
+compiledscan.py, the chunked scan with its per-chunk loops fused into C++ by torch.compile (faster still, after a
+one-time compile).
 """
 
 from __future__ import annotations
@@ -115,15 +117,20 @@ def selective_scan(u, delta, A, B, C, D, scan="parallel") -> torch.Tensor:
     """S6 (Gu & Dao 2023, Alg. 2) with zero-order-hold Ā = exp(ΔA) and the simplified B̄ = ΔB.
 
     u, delta (Bsz, L, E); A (E, N) negative; B, C (Bsz, L, N) input-dependent; D (E,) -> y (Bsz, L, E).
-    scan: "parallel" (logscan.py: chunked cumulative sums, the fast path), "associative" (the generic chunked scan
-    above on (a, b)), "sequential", or any function (a, b) -> h.
+    scan: "parallel" (logscan.py: chunked cumulative sums, the eager fast path), "compiled" (compiledscan.py: the
+    chunked scan fused by torch.compile, fastest on CPU), "associative" (the generic chunked scan above on (a, b)),
+    "sequential", or any function (a, b) -> h.
     """
     if scan == "parallel":
         from ch05.logscan import logspace_selective_scan  # imported here: logscan falls back to this module
 
         return logspace_selective_scan(u, delta, A, B, C, D)
+    if scan == "compiled":
+        from ch05.compiledscan import compiled_selective_scan
+
+        return compiled_selective_scan(u, delta, A, B, C, D)
     if isinstance(scan, str) and scan not in SCANS:
-        raise ValueError(f"unknown scan {scan!r}; choose parallel or one of {', '.join(SCANS)}")
+        raise ValueError(f"unknown scan {scan!r}; choose parallel, compiled or one of {', '.join(SCANS)}")
     scan_fn = SCANS[scan] if isinstance(scan, str) else scan
     dA = torch.exp2(
         delta.unsqueeze(-1) * (A * 1.4426950408889634)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ch05 import compiledscan
 from ch05.logscan import BOUND, LogSpaceSelectiveScan, choose_chunk, logspace_selective_scan
 from ch05.mamba import MambaConfig, MambaLM
 from ch05.scan import chunked_scan, parallel_scan, selective_scan, sequential_scan
@@ -59,6 +60,37 @@ def test_selective_scan_parallel_equals_sequential_fwd_and_grads(L, delta_shift,
     T = choose_chunk(inputs[1], inputs[2], max_chunk=32)
     assert path == ("fallback" if T is None else "full" if T == 32 else "shrunk")  # the case covers its path
     _assert_fwd_and_grads_equal(inputs, "sequential", "parallel")
+
+
+def test_compiled_scan_equals_sequential_fwd_and_grads():
+    """torch.compile'd chunked scan (compiledscan.py) == loop on every case above, including strong decay (where the
+    log-space scan has to fall back), lengths that are not a multiple of its 16-step chunk, and batch 2. One test, so
+    its graphs compile once (dynamic chunk count: every length reuses them)."""
+    for L, delta_shift, A_shift, _ in CASES:
+        inputs = _ssm_inputs(L, delta_shift=delta_shift, A_shift=A_shift, seed=L)
+        y = selective_scan(*inputs, scan="compiled")
+        assert type(y.grad_fn).__name__ == "CompiledSelectiveScanBackward"  # the compiled path ran, not a fallback
+        _assert_fwd_and_grads_equal(inputs, "sequential", "compiled")
+        with torch.no_grad():  # inference takes the no-states path with a reused buffer for exp(ΔA)
+            torch.testing.assert_close(selective_scan(*inputs, scan="compiled"), y.detach(), rtol=0, atol=0)
+    assert not compiledscan._BROKEN
+
+
+def test_compiled_scan_falls_back_to_eager(monkeypatch):
+    """float64 (not compiled) and a failing compiler both give the eager log-space result."""
+    inputs = [t.detach().double().requires_grad_() for t in _ssm_inputs(40, delta_shift=-2.0, seed=4)]
+    ref = logspace_selective_scan(*inputs)
+    torch.testing.assert_close(compiledscan.compiled_selective_scan(*inputs), ref, rtol=0, atol=0)
+
+    def broken(fn):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiledscan, "_kernel", broken)
+    monkeypatch.setattr(compiledscan, "_BROKEN", [])
+    inputs = _ssm_inputs(40, delta_shift=-2.0, seed=4)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        y = compiledscan.compiled_selective_scan(*inputs)
+    torch.testing.assert_close(y, logspace_selective_scan(*inputs), rtol=0, atol=0)
 
 
 def test_associative_scan_equals_sequential_fwd_and_grads():
