@@ -51,6 +51,11 @@ def rope_matrices(head_dim: int, n_pos: int, theta: float) -> torch.Tensor:
     return R
 
 
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim: RMSNorm without its weight, which FusedDecoder folds into the next matmul."""
+    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (N, C)
+
+
 class FusedDecoder:
     """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
     build it again after changing the model's parameters."""
@@ -64,21 +69,22 @@ class FusedDecoder:
             )
         self.config = cfg
         p = next(model.parameters())
+
+        def folded(norm_weight, *linears):  # (x̂ ⊙ g) @ W == x̂ @ (diag(g) W): the norm's gain scales W's rows
+            return _in_out(torch.cat([lin.weight for lin in linears])) * norm_weight.detach()[:, None]
+
         with torch.no_grad():
             self.layers = [
                 dict(
-                    attn_norm=b.attn_norm.weight.detach(),
-                    wqkv=_in_out(torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight])),  # C × (Hq+2Hkv)D
+                    wqkv=folded(b.attn_norm.weight, b.attn.wq, b.attn.wk, b.attn.wv),  # C × (Hq+2Hkv)D
                     wo=_in_out(b.attn.wo.weight),  # HD × C
-                    mlp_norm=b.mlp_norm.weight.detach(),
-                    w13=_in_out(torch.cat([b.mlp.w1.weight, b.mlp.w3.weight])),  # C × 2F
+                    w13=folded(b.mlp_norm.weight, b.mlp.w1, b.mlp.w3),  # C × 2F
                     w2=_in_out(b.mlp.w2.weight),  # F × C
                 )
                 for b in model.blocks
             ]
             self.tok_emb = model.tok_emb.weight.detach()
-            self.norm = model.norm.weight.detach()
-            self.lm_head = _in_out(model.lm_head.weight)  # C × V
+            self.lm_head = folded(model.norm.weight, model.lm_head)  # C × V
             self.rope = rope_matrices(cfg.head_dim, cfg.block_size, cfg.rope_theta).to(p.device, p.dtype)
 
     def parameters(self):  # so ``next(decoder.parameters())`` finds device/dtype like for a model
@@ -101,30 +107,35 @@ class FusedDecoder:
         S = start_pos + T
         if S > cfg.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds block_size={cfg.block_size}")
-        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        mask = GPT._attention_mask(T, start_pos, key_padding_mask, idx.device)  # None | (B|1, 1, T, S)
+        H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        if key_padding_mask is None and start_pos > 0 and T > 1:  # verifying drafts: causal, offset by start_pos
+            mask = torch.full((T, S), float("-inf"), device=idx.device).triu_(start_pos + 1)  # additive (T, S)
+        else:
+            mask = GPT._attention_mask(T, start_pos, key_padding_mask, idx.device)  # None | (B|1, 1, T, S) bool
         causal = mask is None and T > 1
         rot = self.rope[start_pos:S]  # (T, D, D)
         gqa = Hkv != H
-        x = F.embedding(idx, self.tok_emb)  # (B, T, C)
+        x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B·T, C): 2-D all the way, so every matmul is one mm
         for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.n_embd,), w["attn_norm"], cfg.norm_eps)
-            qkv = (h @ w["wqkv"]).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, Hq+2Hkv, T, D)
-            qk = (qkv[:, : H + Hkv].unsqueeze(-2) @ rot).squeeze(-2)  # RoPE on q and k at once: (B, Hq+Hkv, T, D)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
-            if kv_cache is not None:
-                kv_cache.k[i][:B, :, start_pos:S] = k  # in place, as StaticKVCache.update does
-                kv_cache.v[i][:B, :, start_pos:S] = v
-                k, v = kv_cache.k[i][:B, :, :S], kv_cache.v[i][:B, :, :S]  # (B, Hkv, S, D)
+            qkv = (_normalize(x, eps) @ w["wqkv"]).view(B, T, H + 2 * Hkv, D)  # (B, T, Hq+2Hkv, D)
+            qk = qkv[:, :, : H + Hkv] @ rot  # RoPE on q and k of all heads: (B, T, Hq+Hkv, D) @ (T, D, D)
+            q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2)
+            if kv_cache is not None:  # written in place, as StaticKVCache.update does
+                ck, cv = kv_cache.k[i], kv_cache.v[i]  # (Bmax, Hkv, L, D)
+                if ck.shape[0] != B:
+                    ck, cv = ck[:B], cv[:B]
+                ck.narrow(2, start_pos, T).copy_(k)
+                cv.narrow(2, start_pos, T).copy_(v)
+                k, v = ck.narrow(2, 0, S), cv.narrow(2, 0, S)  # (B, Hkv, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-            x = x + y.transpose(1, 2).reshape(B, T, H * D) @ w["wo"]  # (B, T, C)
-            gate, up = (F.rms_norm(x, (cfg.n_embd,), w["mlp_norm"], cfg.norm_eps) @ w["w13"]).chunk(2, -1)
-            x = x + (F.silu(gate) * up) @ w["w2"]
+            x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * D), w["wo"])  # x + attn: (B·T, C)
+            gate, up = (_normalize(x, eps) @ w["w13"]).chunk(2, -1)  # (B·T, F) each
+            x = torch.addmm(x, F.silu(gate).mul_(up), w["w2"])  # x + mlp
         if kv_cache is not None:
             kv_cache.length = S
         if last is not None:
-            x = x[:, -last:]
-        return F.rms_norm(x, (cfg.n_embd,), self.norm, cfg.norm_eps) @ self.lm_head  # (B, T|last, V)
+            x, T = x.view(B, T, -1)[:, -last:].reshape(-1, x.shape[-1]), min(last, T)
+        return (_normalize(x, eps) @ self.lm_head).view(B, T, -1)  # (B, T|last, V)
 
 
 if __name__ == "__main__":

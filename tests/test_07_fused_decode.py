@@ -1,6 +1,8 @@
 """ch07 FusedDecoder: the repacked model gives ch01's logits (prefill, chunked prefill, decode, GQA, padded batches)
 and the same greedy tokens; RoPE as a rotation matrix equals ch01's apply_rope."""
 
+import copy
+
 import pytest
 import torch
 
@@ -29,7 +31,11 @@ def test_rope_matrix_equals_apply_rope():
 
 def test_full_forward_equals_model(model):
     x = torch.randint(0, 32, (3, 40))
-    torch.testing.assert_close(FusedDecoder(model)(x), model(x), atol=1e-5, rtol=1e-5)
+    fused, plain = FusedDecoder(model)(x), model(x)  # logits up to ~±15 here
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # folding the norm gains into the weights only reorders float32 rounding:
+        exact = copy.deepcopy(model).double()(x)  # both are as far from the float64 result as float32 allows
+    assert (fused.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 1e-6
 
 
 def test_cached_prefill_and_decode_equal_model(model):
@@ -40,7 +46,7 @@ def test_cached_prefill_and_decode_equal_model(model):
     torch.testing.assert_close(torch.cat(parts, 1), model(x), atol=1e-4, rtol=1e-4)  # logits ~±10 here
     assert cache.length == 30
     last = fused(x[:, :5], last=1)
-    torch.testing.assert_close(last, model(x[:, :5])[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, model(x[:, :5])[:, -1:], atol=1e-4, rtol=1e-5)
 
 
 def test_padded_batch_generate_equals_unfused(model):
