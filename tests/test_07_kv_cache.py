@@ -73,7 +73,8 @@ def test_rollback_and_errors(model):
     model(x, kv_cache=cache)
     cache.rollback(6)
     logits = model(x[:, 6:8], kv_cache=cache, start_pos=6)
-    torch.testing.assert_close(logits, model(x[:, :8])[:, 6:], atol=1e-5, rtol=1e-5)
+    # masked (chunk at start_pos 6) vs causal-flag SDPA kernels: float32 rounding differs by ~2e-5 on logits ~±10
+    torch.testing.assert_close(logits, model(x[:, :8])[:, 6:], atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError):
         cache.rollback(9)
     with pytest.raises(ValueError):
