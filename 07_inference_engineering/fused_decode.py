@@ -13,8 +13,10 @@ six elementwise ops, float casts, GQA repeats). gpt-fast and every serving engin
 - one QKV projection (``cat([wq, wk, wv])``) and one gate+up projection (``cat([w1, w3])``) instead of 3 + 2 matmuls;
 - RoPE precomputed once as a rotation MATRIX per position (rotating pairs (i, i+D/2) is linear), so q and k of all
   heads are rotated by one batched matmul instead of ~12 elementwise ops;
-- ``F.rms_norm`` (one fused op), ``F.silu``, SDPA with ``enable_gqa`` (no repeated K/V), and the KV cache written in
-  place with no reallocation (``StaticKVCache``);
+- RMSNorm's gain folded into the next weight matrix ((x̂ ⊙ g) @ W == x̂ @ (diag(g) W)); activations kept 2-D
+  (B·T, C) so each projection is one ``mm`` and each residual add rides along in ``torch.addmm``;
+- ``F.silu``, SDPA with ``enable_gqa`` (no repeated K/V), the KV cache written in place with no reallocation
+  (``StaticKVCache``), and an additive causal mask for the multi-token verify forward of speculative decoding;
 - weights stored transposed, (in, out) contiguous, and applied as ``x @ W``: for one-token decoding (a matrix-VECTOR
   product) that layout streams each weight row once in order, and on this project's CPU it measured 1.5–6× faster per
   projection than ``F.linear``'s (out, in) layout once the weights no longer fit in L2 — see the chapter README;
