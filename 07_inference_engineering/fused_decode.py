@@ -53,11 +53,6 @@ def rope_matrices(head_dim: int, n_pos: int, theta: float) -> torch.Tensor:
     return R
 
 
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim: RMSNorm without its weight, which FusedDecoder folds into the next matmul."""
-    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (N, C)
-
-
 class FusedDecoder:
     """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
     build it again after changing the model's parameters."""
@@ -110,6 +105,7 @@ class FusedDecoder:
         if S > cfg.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds block_size={cfg.block_size}")
         H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        C = (cfg.n_embd,)  # RMSNorm without a gain: FusedDecoder folded each gain into the next weight
         if key_padding_mask is None and start_pos > 0 and T > 1:  # verifying drafts: causal, offset by start_pos
             mask = torch.full((T, S), float("-inf"), device=idx.device).triu_(start_pos + 1)  # additive (T, S)
         else:
@@ -119,7 +115,7 @@ class FusedDecoder:
         gqa = Hkv != H
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B·T, C): 2-D all the way, so every matmul is one mm
         for i, w in enumerate(self.layers):
-            qkv = (_normalize(x, eps) @ w["wqkv"]).view(B, T, H + 2 * Hkv, D)  # (B, T, Hq+2Hkv, D)
+            qkv = (F.rms_norm(x, C, None, eps) @ w["wqkv"]).view(B, T, H + 2 * Hkv, D)  # (B, T, Hq+2Hkv, D)
             qk = qkv[:, :, : H + Hkv] @ rot  # RoPE on q and k of all heads: (B, T, Hq+Hkv, D) @ (T, D, D)
             q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2)
             if kv_cache is not None:  # written in place, as StaticKVCache.update does
@@ -131,13 +127,13 @@ class FusedDecoder:
                 k, v = ck.narrow(2, 0, S), cv.narrow(2, 0, S)  # (B, Hkv, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
             x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * D), w["wo"])  # x + attn: (B·T, C)
-            gate, up = (_normalize(x, eps) @ w["w13"]).chunk(2, -1)  # (B·T, F) each
+            gate, up = (F.rms_norm(x, C, None, eps) @ w["w13"]).chunk(2, -1)  # (B·T, F) each
             x = torch.addmm(x, F.silu(gate).mul_(up), w["w2"])  # x + mlp
         if kv_cache is not None:
             kv_cache.length = S
         if last is not None:
             x, T = x.view(B, T, -1)[:, -last:].reshape(-1, x.shape[-1]), min(last, T)
-        return (_normalize(x, eps) @ self.lm_head).view(B, T, -1)  # (B, T|last, V)
+        return (F.rms_norm(x, C, None, eps) @ self.lm_head).view(B, T, -1)  # (B, T|last, V)
 
 
 if __name__ == "__main__":
