@@ -87,7 +87,7 @@ def _grad_ends(a, dy, C):
 def _grads(a, H, h0, g_in, dy, delta, B, C, A):
     """Backward phase 3. g_in (n, E, N): ∂L/∂(last state) flowing in from later chunks; h0: the chunk start states.
     Returns g_t = ∂L/∂h_t (n, T, E, N), Σ_n g·B and Σ_n q·A (n, T, E), and dA (E, N), where q = g_t·h_{t-1}·a_t is
-    ∂L/∂(Δ_t A). Sums over e (dB, dC) are left to einsum: inside this loop inductor would redo the chain for each t."""
+    ∂L/∂(Δ_t A). Sums over e (dB, dC) are left to ``_sum_over_e``: inside this loop inductor would redo the chain for each t."""
     g, dA = g_in, None
     G, gB, qA = [], [], []
     for t in range(T - 1, -1, -1):
@@ -130,8 +130,7 @@ def _carry(ends, prod, h0, reverse=False):
     entering each chunk's last state from the right). nc dependent steps of one addcmul on (Bsz, E, N)."""
     out = torch.empty_like(ends)
     out_, ends_, prod_ = out.unbind(1), ends.unbind(1), prod.unbind(1)
-    nc, step = (ends.shape[1], 1) if not reverse else (ends.shape[1], -1)
-    order = list(range(nc))[::step]
+    order = range(ends.shape[1])[:: -1 if reverse else 1]
     out_[order[0]].copy_(h0)
     for j, k in zip(order, order[1:]):
         torch.addcmul(ends_[j], prod_[j], out_[j], out=out_[k])
