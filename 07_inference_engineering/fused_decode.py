@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ch01.functional import rope_cache
 from ch01.model import GPT
+from ch07.small_gemm import PackedWeight
 
 
 def _in_out(weight: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ class FusedDecoder:
     """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
     build it again after changing the model's parameters."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, small_gemm: bool = True):
         cfg = model.config
         if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
             raise ValueError(
@@ -68,15 +69,23 @@ class FusedDecoder:
         p = next(model.parameters())
 
         def folded(norm_weight, *linears):  # (x̂ ⊙ g) @ W == x̂ @ (diag(g) W): the norm's gain scales W's rows
-            return _in_out(torch.cat([lin.weight for lin in linears])) * norm_weight.detach()[:, None]
+            return packed(_in_out(torch.cat([lin.weight for lin in linears])) * norm_weight.detach()[:, None])
+
+        def folded_qkv(b):  # also fold attention's 1/sqrt(D) into q's columns (RoPE is linear, so it commutes)
+            w = _in_out(torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]))
+            w[:, : cfg.n_head * cfg.head_dim] *= cfg.head_dim**-0.5
+            return packed(w * b.attn_norm.weight.detach()[:, None])
+
+        def packed(w):  # few-row products (decode steps, verify forwards) go to ch07.small_gemm's kernel
+            return PackedWeight(w, use_kernel=small_gemm)
 
         with torch.no_grad():
             self.layers = [
                 dict(
-                    wqkv=folded(b.attn_norm.weight, b.attn.wq, b.attn.wk, b.attn.wv),  # C × (Hq+2Hkv)D
-                    wo=_in_out(b.attn.wo.weight),  # HD × C
+                    wqkv=folded_qkv(b),  # C × (Hq+2Hkv)D, q pre-scaled by 1/sqrt(D)
+                    wo=packed(_in_out(b.attn.wo.weight)),  # HD × C
                     w13=folded(b.mlp_norm.weight, b.mlp.w1, b.mlp.w3),  # C × 2F
-                    w2=_in_out(b.mlp.w2.weight),  # F × C
+                    w2=packed(_in_out(b.mlp.w2.weight)),  # F × C
                 )
                 for b in model.blocks
             ]
@@ -104,8 +113,9 @@ class FusedDecoder:
         S = start_pos + T
         if S > cfg.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds block_size={cfg.block_size}")
+        if B == 1 and T <= 16 and kv_cache is not None and key_padding_mask is None:
+            return self._few_tokens(idx, kv_cache, start_pos, last)
         H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
-        C = (cfg.n_embd,)  # RMSNorm without a gain: FusedDecoder folded each gain into the next weight
         if key_padding_mask is None and start_pos > 0 and T > 1:  # verifying drafts: causal, offset by start_pos
             mask = torch.full((T, S), float("-inf"), device=idx.device).triu_(start_pos + 1)  # additive (T, S)
         else:
@@ -113,9 +123,11 @@ class FusedDecoder:
         causal = mask is None and T > 1
         rot = self.rope[start_pos:S]  # (T, D, D)
         gqa = Hkv != H
-        x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B·T, C): 2-D all the way, so every matmul is one mm
+        x = self.tok_emb.index_select(0, idx.reshape(-1))  # (B·T, C): 2-D all the way, so every matmul is one mm
         for i, w in enumerate(self.layers):
-            qkv = (F.rms_norm(x, C, None, eps) @ w["wqkv"]).view(B, T, H + 2 * Hkv, D)  # (B, T, Hq+2Hkv, D)
+            qkv = w["wqkv"](x, rms_eps=eps).view(
+                B, T, H + 2 * Hkv, D
+            )  # norm (gain folded in) + QKV: (B, T, Hq+2Hkv, D)
             qk = qkv[:, :, : H + Hkv] @ rot  # RoPE on q and k of all heads: (B, T, Hq+Hkv, D) @ (T, D, D)
             q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2)
             if kv_cache is not None:  # written in place, as StaticKVCache.update does
@@ -125,29 +137,44 @@ class FusedDecoder:
                 ck.narrow(2, start_pos, T).copy_(k)
                 cv.narrow(2, start_pos, T).copy_(v)
                 k, v = ck.narrow(2, 0, S), cv.narrow(2, 0, S)  # (B, Hkv, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-            x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * D), w["wo"])  # x + attn: (B·T, C)
-            gate, up = (F.rms_norm(x, C, None, eps) @ w["w13"]).chunk(2, -1)  # (B·T, F) each
-            x = torch.addmm(x, F.silu(gate).mul_(up), w["w2"])  # x + mlp
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
+            x = w["wo"](y.transpose(1, 2).reshape(B * T, H * D), residual=x)  # x + attn: (B·T, C)
+            gate, up = w["w13"](x, rms_eps=eps).chunk(2, -1)  # (B·T, F) each
+            x = w["w2"](F.silu(gate).mul_(up), residual=x)  # x + mlp
         if kv_cache is not None:
             kv_cache.length = S
         if last is not None:
             x, T = x.view(B, T, -1)[:, -last:].reshape(-1, x.shape[-1]), min(last, T)
-        return (F.rms_norm(x, C, None, eps) @ self.lm_head).view(B, T, -1)  # (B, T|last, V)
+        return self.lm_head(x, rms_eps=eps).view(B, T, -1)  # (B, T|last, V)
 
-
-if __name__ == "__main__":
-    import time
-
-    from ch01.model import GPTConfig
-    from ch07.kv_cache import generate
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("small", vocab_size=65, block_size=256)).eval()
-    prompt = torch.randint(0, 65, (16,))
-    for fused in (False, True):
-        generate(model, prompt, 8, fused=fused)  # warm-up
-        t0 = time.perf_counter()
-        out = generate(model, prompt, 200, fused=fused)
-        print(f"fused={fused}: {200 / (time.perf_counter() - t0):.0f} tokens/s, first ids {out[0, :8].tolist()}")
+    def _few_tokens(self, idx: torch.Tensor, cache, pos: int, last: int | None) -> torch.Tensor:
+        """A few new tokens of ONE sequence: the decode step (T = 1) and the verify forward of speculative decoding
+        (T = k+1), the hot loops of decoding. Same math as ``__call__`` with fewer calls: attention is two small
+        batched matmuls per layer instead of SDPA's general kernel (which cost ~260 us per call at T = 5 here), and
+        grouped-query heads need no repeat — the G query heads sharing a KV head are the rows of its matmul."""
+        cfg = self.config
+        H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        T, G = idx.shape[1], cfg.n_head // cfg.n_kv_head
+        S = pos + T
+        rot = self.rope[pos:S]  # (T, D, D)
+        mask = torch.full((T, S), float("-inf")).triu_(pos + 1) if T > 1 else None  # causal among the new tokens
+        x = self.tok_emb.index_select(0, idx.view(T))  # (T, C)
+        for i, w in enumerate(self.layers):
+            qkv = w["wqkv"](x, rms_eps=eps).view(T, H + 2 * Hkv, D)  # q pre-scaled by 1/sqrt(D)
+            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # RoPE: (T, H+Hkv, D)
+            ck, cv = cache.k[i][0], cache.v[i][0]  # (Hkv, L, D)
+            ck.narrow(1, pos, T).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))
+            cv.narrow(1, pos, T).copy_(qkv.narrow(1, H + Hkv, Hkv).transpose(0, 1))
+            q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * T, D)  # rows: (head in group, t)
+            scores = torch.bmm(q, ck.narrow(1, 0, S).transpose(1, 2))  # (Hkv, G·T, S)
+            if mask is not None:
+                scores = scores.view(Hkv, G, T, S).add_(mask).view(Hkv, G * T, S)
+            y = torch.bmm(torch.softmax(scores, -1), cv.narrow(1, 0, S))  # (Hkv, G·T, D)
+            y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # heads back in order
+            x = w["wo"](y, residual=x)
+            gate, up = w["w13"](x, rms_eps=eps).chunk(2, -1)  # (T, F) each
+            x = w["w2"](F.silu(gate).mul_(up), residual=x)
+        cache.length = S
+        if last is not None and last < T:
+            x, T = x[-last:], last
+        return self.lm_head(x, rms_eps=eps).view(1, T, -1)
