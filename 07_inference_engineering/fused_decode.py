@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ch01.functional import rope_cache
 from ch01.model import GPT
-from ch07.small_gemm import PackedWeight
+from ch07 import decode_kernels
+from ch07.decode_kernels import PackedWeight
 
 
 def _in_out(weight: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class FusedDecoder:
     """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
     build it again after changing the model's parameters."""
 
-    def __init__(self, model: GPT, small_gemm: bool = True):
+    def __init__(self, model: GPT, kernels: bool = True):
         cfg = model.config
         if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
             raise ValueError(
@@ -76,9 +77,10 @@ class FusedDecoder:
             w[:, : cfg.n_head * cfg.head_dim] *= cfg.head_dim**-0.5
             return packed(w * b.attn_norm.weight.detach()[:, None])
 
-        def packed(w):  # few-row products (decode steps, verify forwards) go to ch07.small_gemm's kernel
-            return PackedWeight(w, use_kernel=small_gemm)
+        def packed(w):  # few-row products (decode steps, verify forwards) go to ch07.decode_kernels' matmul
+            return PackedWeight(w, use_kernel=kernels)
 
+        rope_tables = rope_cache(cfg.head_dim, torch.arange(cfg.block_size), cfg.rope_theta)  # for the C kernel
         with torch.no_grad():
             self.layers = [
                 dict(
@@ -92,6 +94,8 @@ class FusedDecoder:
             self.tok_emb = model.tok_emb.weight.detach()
             self.lm_head = folded(model.norm.weight, model.lm_head)  # C × V
             self.rope = rope_matrices(cfg.head_dim, cfg.block_size, cfg.rope_theta).to(p.device, p.dtype)
+            self.rope_cos, self.rope_sin = (t.to(p.device, p.dtype).contiguous() for t in rope_tables)
+        self.kernels = kernels and decode_kernels.load_library() is not None
 
     def parameters(self):  # so ``next(decoder.parameters())`` finds device/dtype like for a model
         yield self.tok_emb
@@ -125,9 +129,7 @@ class FusedDecoder:
         gqa = Hkv != H
         x = self.tok_emb.index_select(0, idx.reshape(-1))  # (B·T, C): 2-D all the way, so every matmul is one mm
         for i, w in enumerate(self.layers):
-            qkv = w["wqkv"](x, rms_eps=eps).view(
-                B, T, H + 2 * Hkv, D
-            )  # norm (gain folded in) + QKV: (B, T, Hq+2Hkv, D)
+            qkv = w["wqkv"](x, rms_eps=eps).view(B, T, H + 2 * Hkv, D)  # norm (gain folded in) + QKV
             qk = qkv[:, :, : H + Hkv] @ rot  # RoPE on q and k of all heads: (B, T, Hq+Hkv, D) @ (T, D, D)
             q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2)
             if kv_cache is not None:  # written in place, as StaticKVCache.update does
@@ -160,7 +162,17 @@ class FusedDecoder:
         mask = torch.full((T, S), float("-inf")).triu_(pos + 1) if T > 1 else None  # causal among the new tokens
         x = self.tok_emb.index_select(0, idx.view(T))  # (T, C)
         for i, w in enumerate(self.layers):
-            qkv = w["wqkv"](x, rms_eps=eps).view(T, H + 2 * Hkv, D)  # q pre-scaled by 1/sqrt(D)
+            qkv = w["wqkv"](x, rms_eps=eps)  # (T, (H+2Hkv)·D), q pre-scaled by 1/sqrt(D)
+            y = (
+                decode_kernels.attend(qkv, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin, pos, H, Hkv)
+                if (self.kernels)
+                else None
+            )  # RoPE, cache write and attention in one C call (None: not float32 on a CPU)
+            if y is not None:
+                x = w["wo"](y, residual=x)
+                x = w["w2"](decode_kernels.swiglu(w["w13"](x, rms_eps=eps)), residual=x)
+                continue
+            qkv = qkv.view(T, H + 2 * Hkv, D)
             qk = torch.bmm(qkv[:, : H + Hkv], rot)  # RoPE: (T, H+Hkv, D)
             ck, cv = cache.k[i][0], cache.v[i][0]  # (Hkv, L, D)
             ck.narrow(1, pos, T).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))

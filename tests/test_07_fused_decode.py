@@ -49,12 +49,12 @@ def test_cached_prefill_and_decode_equal_model(model):
     torch.testing.assert_close(last, model(x[:, :5])[:, -1:], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("small_gemm", [True, False], ids=["kernel", "torch"])
-def test_one_sequence_few_token_path_equals_model(model, small_gemm):
-    """B = 1 with a cache and up to 16 new tokens takes FusedDecoder's decode/verify path (batched-matmul attention,
-    the small-GEMM kernel); longer chunks the general one. Chunks of 1..17 tokens must all give the model's logits."""
+@pytest.mark.parametrize("kernels", [True, False], ids=["c-kernels", "torch"])
+def test_one_sequence_few_token_path_equals_model(model, kernels):
+    """B = 1 with a cache and up to 16 new tokens takes FusedDecoder's decode/verify path (ch07.decode_kernels, or
+    batched-matmul attention in torch); longer chunks the general one. Chunks of 1..17 tokens must all give the model's logits."""
     x = torch.randint(0, 32, (1, 90))
-    fused, cache = FusedDecoder(model, small_gemm=small_gemm), StaticKVCache.for_model(model, 1, 90)
+    fused, cache = FusedDecoder(model, kernels=kernels), StaticKVCache.for_model(model, 1, 90)
     parts, pos = [], 0
     for T in (17, 1, 5, 1, 2, 16, 7, 1, 3, 9, 1, 4, 6, 3, 1, 13):
         parts.append(fused(x[:, pos : pos + T], kv_cache=cache, start_pos=pos))

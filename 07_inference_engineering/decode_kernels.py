@@ -1,18 +1,24 @@
-"""A small-batch matrix multiply for decoding, in 70 lines of C: why verifying k draft tokens need not cost k tokens.
+"""Decode-time kernels in ~150 lines of C: a small-batch matmul, and attention + RoPE + cache write in one call.
 
-    from ch07.small_gemm import PackedWeight
+    from ch07.decode_kernels import PackedWeight, attend, swiglu
     w = PackedWeight(W)                            # W: (in, out) float32; packed once into column panels
     y = w(x)                                       # x (M, in) -> (M, out) == x @ W
     y = w(x, rms_eps=1e-5)                         # == F.rms_norm(x, (in,), None, 1e-5) @ W, the norm fused in
     x = w(h, residual=x)                           # == x + h @ W, added in place into x
+    y = attend(qkv, k_cache, v_cache, cos, sin, pos, H, Hkv)   # T new tokens of one sequence: (T, H·D)
 
 Decoding multiplies a few rows by every weight matrix: one row per step, k+1 rows when speculative decoding verifies
 k draft tokens. Reading the weights should dominate, so k+1 rows should cost about one — but BLAS sgemm kernels are
 tuned for large matrices, and on this project's CPU (AMD EPYC, AVX2, MKL via torch, one thread) ``x @ W`` with
 5 rows took 2.6-3x the time of 1 row (256 x 1408: 144 vs 38 us) — so a verify forward cost ~1.6 decode steps and
-ate most of what speculation saves. ``small_gemm.c`` packs each weight once into panels of 16 columns stored
-front to back and reads every panel ONCE for up to 6 rows (12 accumulators in registers): 5 rows cost 65 us there.
+ate most of what speculation saves. ``decode_kernels.c`` packs each weight once into panels of 16 columns stored
+front to back and reads every panel ONCE for up to 12 rows (accumulators in registers): 5 rows cost 65 us there.
 Like llama.cpp's and other inference engines' own matmul kernels, it trades generality for the decode shapes.
+
+The rest of a decode step is many tiny operations — RoPE, two cache writes, the attention of one query row over the
+cache, softmax, SwiGLU — each costing a few microseconds of torch dispatch whatever its size: ~20 calls per layer, the
+whole cost of a small draft model's step. ``attend`` does RoPE, the cache write and causal (grouped-query) attention
+for T new tokens in one call, ``swiglu`` the gate; the arithmetic is the same as the torch path (tests compare them).
 
 The C file is compiled on first use with the system C compiler (``cc -O3 -march=native``, ~1 s) into the cache
 directory, keyed by the source and the CPU; without a compiler (or for more than ``MAX_FAST_ROWS`` rows, other dtypes
@@ -37,8 +43,8 @@ import torch.nn.functional as F
 
 from common.data import cache_dir
 
-SOURCE = Path(__file__).with_name("small_gemm.c")
-MAX_FAST_ROWS = 12  # two passes of 6 rows; above this torch's sgemm is the better kernel
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+MAX_FAST_ROWS = 12  # one pass over the weights for up to 12 rows; above that torch's sgemm is the better kernel
 
 
 def _cpu_fingerprint() -> str:
@@ -58,10 +64,10 @@ def load_library():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        warnings.warn("no C compiler found: ch07.small_gemm falls back to torch matmul", stacklevel=2)
+        warnings.warn("no C compiler found: ch07.decode_kernels falls back to torch", stacklevel=2)
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + _cpu_fingerprint().encode() + compiler.encode()).hexdigest()[:16]
-    lib_path = cache_dir("ch07", "kernels") / f"small_gemm-{key}.so"
+    lib_path = cache_dir("ch07", "kernels") / f"decode_kernels-{key}.so"
     if not lib_path.exists():
         with tempfile.TemporaryDirectory() as tmp:  # build aside, then one atomic rename: safe for parallel builds
             tmp_lib = Path(tmp) / lib_path.name
@@ -76,7 +82,56 @@ def load_library():
     lib.pack_weight.argtypes = [ptr, ptr, long, long]
     lib.small_gemm.argtypes = [ptr, ptr, ptr, long, long, long, ctypes.c_int, ctypes.c_int, ctypes.c_float]
     lib.panel_width.restype = long
+    lib.swiglu.argtypes = [ptr, ptr, long, long]
+    lib.attend.argtypes = [ptr] * 6 + [long] * 6
     return lib
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def attend(qkv, k_cache, v_cache, cos, sin, pos: int, n_head: int, n_kv_head: int) -> torch.Tensor | None:
+    """Attention of T new tokens of ONE sequence (batch row 0 of the cache), in one C call.
+
+    qkv (T, (H + 2·Hkv)·D): the QKV projection of the new tokens, q pre-scaled by 1/sqrt(D), before RoPE (rotated in
+    place). k_cache / v_cache (B, Hkv, L, D): the new keys/values are written at positions pos..pos+T-1. cos / sin:
+    ch01's ``rope_cache`` tables (≥ pos+T rows, D). Returns y (T, H·D), causal softmax(q kᵀ) v over the cache, or None
+    where the kernel is unavailable (the caller then takes its torch path)."""
+    lib = load_library()
+    if lib is None or not _cpu_float32(qkv, k_cache, v_cache, cos, sin):
+        return None
+    T, (_, Hkv, L, D) = qkv.shape[0], k_cache.shape
+    if Hkv != n_kv_head or qkv.shape[1] != (n_head + 2 * Hkv) * D or pos + T > min(L, len(cos)):
+        raise ValueError(f"attend: qkv {tuple(qkv.shape)} / cache {tuple(k_cache.shape)} / pos {pos} do not match")
+    y = torch.empty(T, n_head * D)
+    lib.attend(
+        qkv.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        y.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        T,
+        n_head,
+        Hkv,
+        D,
+        L,
+        pos,
+    )
+    return y
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(T, 2F) -> (T, F): silu(gate) * up, as ``F.silu(gate) * up`` with ``gate, up = gate_up.chunk(2, -1)``."""
+    lib = load_library()
+    if lib is None or not _cpu_float32(gate_up):
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate).mul_(up)
+    T, F2 = gate_up.shape
+    out = torch.empty(T, F2 // 2)
+    lib.swiglu(gate_up.data_ptr(), out.data_ptr(), T, F2 // 2)
+    return out
 
 
 class PackedWeight:
