@@ -142,6 +142,29 @@ static inline void rotate(float *x, const float *cos, const float *sin, long D) 
   }
 }
 
+/* out (D) = sum_j p[j] * V[j, :] over n rows: the accumulators stay in registers for the common head sizes. */
+#define WSUM(NV)                                                                                                     \
+  static void wsum_##NV(const float *p, const float *V, long n, float *out) {                                        \
+    v8 acc[NV];                                                                                                      \
+    for (int i = 0; i < NV; i++) acc[i] = (v8){0};                                                                   \
+    for (long j = 0; j < n; j++)                                                                                     \
+      for (int i = 0; i < NV; i++) acc[i] += p[j] * load8(V + j * NV * 8 + i * 8);                                  \
+    for (int i = 0; i < NV; i++) store8(out + i * 8, acc[i]);                                                        \
+  }
+WSUM(1) WSUM(2) WSUM(4) WSUM(8)
+
+static void weighted_sum(const float *p, const float *V, long n, long D, float *out) {
+  switch (D) {
+    case 8: wsum_1(p, V, n, out); return;
+    case 16: wsum_2(p, V, n, out); return;
+    case 32: wsum_4(p, V, n, out); return;
+    case 64: wsum_8(p, V, n, out); return;
+  }
+  memset(out, 0, D * sizeof(float));
+  for (long j = 0; j < n; j++)
+    for (long d = 0; d < D; d++) out[d] += p[j] * V[j * D + d];
+}
+
 /* T new tokens of one sequence at positions pos..pos+T-1, in one call:
  *   qkv (T, (H + 2 Hkv) D): q (pre-scaled by 1/sqrt(D)), k, v of the new tokens, before RoPE; rotated IN PLACE;
  *   k, v are written into the cache ck / cv (Hkv, L, D) at their positions;
@@ -171,11 +194,8 @@ void attend(float *qkv, float *ck, float *cv, float *y, const float *cos, const 
         mx = scores[j] > mx ? scores[j] : mx;
       }
       for (long j = 0; j < S; j++) sum += (scores[j] = expf(scores[j] - mx));
-      float *out = y + t * H * D + h * D, inv = 1.f / sum;
-      memset(out, 0, D * sizeof(float));
-      for (long j = 0; j < S; j++) {
-        float p = scores[j] * inv;
-        for (long d = 0; d < D; d++) out[d] += p * V[j * D + d];
-      }
+      float *out = y + t * H * D + h * D;
+      for (long j = 0; j < S; j++) scores[j] /= sum;
+      weighted_sum(scores, V, S, D, out);
     }
 }
