@@ -1,4 +1,4 @@
-"""Decode-time kernels in ~150 lines of C: a small-batch matmul, and attention + RoPE + cache write in one call.
+"""Decode-time kernels in ~200 lines of C: a small-batch matmul, and attention + RoPE + cache write in one call.
 
     from ch07.decode_kernels import PackedWeight, attend, swiglu
     w = PackedWeight(W)                            # W: (in, out) float32; packed once into column panels
