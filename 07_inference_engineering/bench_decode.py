@@ -169,6 +169,7 @@ def main(argv=None):
         xlabel="new tokens",
         ylabel="tokens/s",
         logy=True,
+        legend_outside=True,
     )
     print(f"plot: {path}")
     return rows

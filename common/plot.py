@@ -35,9 +35,10 @@ def save_fig(fig, path: str | Path) -> Path:
 
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, title: str = "",
-              xlabel: str = "", ylabel: str = "", logx: bool = False, logy: bool = False, marker: str = "o") -> Path:
-    """One line per ``name -> (xs, ys)``; saved to ``path``."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+              xlabel: str = "", ylabel: str = "", logx: bool = False, logy: bool = False, marker: str = "o",
+              legend_outside: bool = False) -> Path:
+    """One line per ``name -> (xs, ys)``; saved to ``path``. ``legend_outside``: beside the axes (many lines)."""
+    fig, ax = plt.subplots(figsize=(9.0, 4.2) if legend_outside else (6.4, 4.2))
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker=marker if len(xs) < 40 else None, label=name)
     ax.set_title(title)
@@ -48,7 +49,9 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 1 and legend_outside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    elif len(series) > 1:
         ax.legend()
     return save_fig(fig, path)
 
