@@ -161,11 +161,11 @@ def launch(
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
-        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        while (alive := [p for p in procs if p.is_alive()]) and time.monotonic() < deadline:
             if any(Path(tmp, f"rank{r}.err").exists() for r in range(nproc)):
                 procs[0].join(2.0)  # a rank failed: give the others a moment, then stop them (they'd wait forever)
                 break
-            procs[0].join(0.05) if procs[0].is_alive() else next(p for p in procs if p.is_alive()).join(0.05)
+            alive[0].join(0.05)  # (one snapshot of the living ranks: one may exit between two is_alive() calls)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for r in hung:
             procs[r].kill()
