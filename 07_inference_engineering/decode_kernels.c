@@ -122,13 +122,51 @@ void swiglu(const float *gu, float *out, long T, long F) {
 }
 
 static inline float dot(const float *a, const float *b, long D) {
-  v8 acc = {0};
+  v8 acc[4] = {{0}, {0}, {0}, {0}}; /* four independent chains: one would wait on each FMA's latency */
   long d = 0;
-  for (; d + 8 <= D; d += 8) acc += load8(a + d) * load8(b + d);
+  for (; d + 32 <= D; d += 32)
+    for (int i = 0; i < 4; i++) acc[i] += load8(a + d + 8 * i) * load8(b + d + 8 * i);
+  for (; d + 8 <= D; d += 8) acc[0] += load8(a + d) * load8(b + d);
+  v8 sum8 = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   float s = 0.f;
-  for (int j = 0; j < 8; j++) s += acc[j];
+  for (int j = 0; j < 8; j++) s += sum8[j];
   for (; d < D; d++) s += a[d] * b[d];
   return s;
+}
+
+typedef int i8 __attribute__((vector_size(32)));
+
+/* e^x for 8 floats at once, x <= 0 (softmax after subtracting the max): x = n ln2 + r with |r| <= ln2/2, e^r by its
+ * Taylor polynomial to degree 7 (relative error < 1e-7), 2^n built in the exponent bits. A scalar expf per score cost
+ * as much as the dot product that made it. */
+static inline v8 exp8(v8 x) {
+  i8 low = x < -87.f; /* below this e^x is 0 in float32 anyway: clamp (a bitwise select; C has no vector ?:) */
+  x = (v8)(((i8)x & ~low) | ((i8)((v8){0} - 87.f) & low));
+  v8 t = x * 1.44269504f - 0.5f;      /* x / ln2, rounded to the nearest integer below by truncation toward zero */
+  i8 n = __builtin_convertvector(t, i8);
+  n -= (i8)(t < __builtin_convertvector(n, v8)) & 1; /* truncation rounded negatives up: step down */
+  n += 1;
+  v8 r = x - __builtin_convertvector(n, v8) * 0.693147181f;
+  v8 p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r / 5040))))));
+  i8 bits = (n + 127) << 23;
+  v8 two_n;
+  memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+/* sc[j] = e^(sc[j] - mx) for j < n; returns their sum */
+static float exp_shifted(float *sc, long n, float mx) {
+  v8 acc = {0};
+  long j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8 e = exp8(load8(sc + j) - mx);
+    store8(sc + j, e);
+    acc += e;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < 8; i++) sum += acc[i];
+  for (; j < n; j++) sum += (sc[j] = expf(sc[j] - mx));
+  return sum;
 }
 
 /* Rotate one head vector in place, rotate-half layout (ch01's rope): x[i], x[i+h] -> x[i]c_i - x[i+h]s_i,
@@ -193,7 +231,7 @@ void attend(float *qkv, float *ck, float *cv, float *y, const float *cos, const 
         scores[j] = dot(q, K + j * D, D);
         mx = scores[j] > mx ? scores[j] : mx;
       }
-      for (long j = 0; j < S; j++) sum += (scores[j] = expf(scores[j] - mx));
+      sum = exp_shifted(scores, S, mx);
       float *out = y + t * H * D + h * D;
       for (long j = 0; j < S; j++) scores[j] /= sum;
       weighted_sum(scores, V, S, D, out);
