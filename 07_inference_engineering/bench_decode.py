@@ -98,7 +98,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 512])
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6], help="draft lengths for speculative decoding")
-    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; medians are reported")
+    p.add_argument("--repeats", type=int, default=5, help="round-robin repeats; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-hf", dest="hf", action="store_false")
