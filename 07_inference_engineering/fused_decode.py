@@ -194,3 +194,39 @@ class FusedDecoder:
         if last is not None and last < T:
             x, T = x[-last:], last
         return self.lm_head(x, rms_eps=eps).view(1, T, -1)
+
+
+def main(argv=None):
+    """Greedy tokens/s of one model three ways — ch01's forward, FusedDecoder in torch, FusedDecoder with the C
+    decode kernels — and whether all three give the same tokens."""
+    import time
+
+    from ch01.model import GPTConfig
+    from ch07.kv_cache import generate
+    from common.cli import base_parser
+
+    p = base_parser("ch01's model vs FusedDecoder (torch path, C decode kernels): greedy tokens/s, same tokens")
+    p.add_argument("--preset", default="small", help="ch01 GPTConfig preset (random weights)")
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig.preset(args.preset, vocab_size=65, block_size=16 + args.new_tokens)).eval()
+    prompt = torch.randint(0, 65, (16,))
+    engines = {"ch01 GPT": model, "FusedDecoder, torch": FusedDecoder(model, kernels=False)}
+    engines["FusedDecoder, C kernels"] = FusedDecoder(model)
+    results = {}
+    for name, engine in engines.items():
+        generate(engine, prompt, 8)  # warm-up (and the kernels' first build)
+        t0 = time.perf_counter()
+        out = generate(engine, prompt, args.new_tokens)
+        results[name] = (args.new_tokens / (time.perf_counter() - t0), out)
+    base = results["ch01 GPT"][1]
+    for name, (tps, out) in results.items():
+        print(f"{name:24s} {tps:7.0f} tokens/s  same tokens as ch01: {torch.equal(out, base)}")
+    return {name: (tps, torch.equal(out, base)) for name, (tps, out) in results.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import torch
 
 from ch01.functional import rope
 from ch01.model import GPT, GPTConfig
-from ch07.fused_decode import FusedDecoder, rope_matrices
+from ch07.fused_decode import FusedDecoder, main, rope_matrices
 from ch07.kv_cache import StaticKVCache, generate
 from ch07.speculative import speculative_generate
 
@@ -89,3 +89,9 @@ def test_unsupported_architecture_is_refused():
     gpt2 = GPT(GPTConfig.preset("tiny", vocab_size=32, pos_emb="learned", norm="layernorm", mlp="gelu"))
     with pytest.raises(ValueError, match="Llama-style"):
         FusedDecoder(gpt2)
+
+
+def test_main_three_engines_same_tokens():
+    results = main(["--preset", "tiny", "--new-tokens", "24"])
+    assert set(results) == {"ch01 GPT", "FusedDecoder, torch", "FusedDecoder, C kernels"}
+    assert all(same and tps > 0 for tps, same in results.values())
