@@ -10,9 +10,10 @@
 Decoding multiplies a few rows by every weight matrix: one row per step, k+1 rows when speculative decoding verifies
 k draft tokens. Reading the weights should dominate, so k+1 rows should cost about one — but BLAS sgemm kernels are
 tuned for large matrices, and on this project's CPU (AMD EPYC, AVX2, MKL via torch, one thread) ``x @ W`` with
-5 rows took 2.6-3x the time of 1 row (256 x 1408: 144 vs 38 us) — so a verify forward cost ~1.6 decode steps and
+5 rows took 2.6-3.7x the time of 1 row (256 x 1408: 136 vs 36 us) — so a verify forward cost ~1.6 decode steps and
 ate most of what speculation saves. ``decode_kernels.c`` packs each weight once into panels of 16 columns stored
-front to back and reads every panel ONCE for up to 12 rows (accumulators in registers): 5 rows cost 65 us there.
+front to back and reads every panel ONCE for up to 12 rows (accumulators in registers): 5 rows cost 48 us there,
+1.4x one row.
 Like llama.cpp's and other inference engines' own matmul kernels, it trades generality for the decode shapes.
 
 The rest of a decode step is many tiny operations — RoPE, two cache writes, the attention of one query row over the
