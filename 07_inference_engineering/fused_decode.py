@@ -155,45 +155,46 @@ class FusedDecoder:
 
     def _few_tokens(self, idx: torch.Tensor, cache, pos: int, last: int | None) -> torch.Tensor:
         """A few new tokens of ONE sequence: the decode step (T = 1) and the verify forward of speculative decoding
-        (T = k+1), the hot loops of decoding. Same math as ``__call__`` with fewer calls: attention is two small
-        batched matmuls per layer instead of SDPA's general kernel (which cost ~260 us per call at T = 5 here), and
-        grouped-query heads need no repeat — the G query heads sharing a KV head are the rows of its matmul."""
+        (T = k+1), the hot loops of decoding. Same math as ``__call__`` in fewer calls: the projections, attention
+        (RoPE + cache write + causal GQA attention in one call) and SwiGLU run in ``ch07.decode_kernels``' C code, or
+        in ``_attend_torch`` and torch where the kernels are unavailable."""
         cfg = self.config
-        H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
-        T, G = idx.shape[1], cfg.n_head // cfg.n_kv_head
-        S = pos + T
-        rot = self.rope[pos:S]  # (T, D, D)
-        mask = torch.full((T, S), float("-inf")).triu_(pos + 1) if T > 1 else None  # causal among the new tokens
+        H, Hkv, eps = cfg.n_head, cfg.n_kv_head, cfg.norm_eps
+        T = idx.shape[1]
         x = self.tok_emb.index_select(0, idx.view(T))  # (T, C)
         for i, w in enumerate(self.layers):
             qkv = w["wqkv"](x, rms_eps=eps)  # (T, (H+2Hkv)·D), q pre-scaled by 1/sqrt(D)
-            y = (
-                decode_kernels.attend(qkv, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin, pos, H, Hkv)
-                if (self.kernels)
-                else None
-            )  # RoPE, cache write and attention in one C call (None: not float32 on a CPU)
-            if y is not None:
-                x = w["wo"](y, residual=x)
-                x = w["w2"](decode_kernels.swiglu(w["w13"](x, rms_eps=eps)), residual=x)
-                continue
-            qkv = qkv.view(T, H + 2 * Hkv, D)
-            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # RoPE: (T, H+Hkv, D)
-            ck, cv = cache.k[i][0], cache.v[i][0]  # (Hkv, L, D)
-            ck.narrow(1, pos, T).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))
-            cv.narrow(1, pos, T).copy_(qkv.narrow(1, H + Hkv, Hkv).transpose(0, 1))
-            q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * T, D)  # rows: (head in group, t)
-            scores = torch.bmm(q, ck.narrow(1, 0, S).transpose(1, 2))  # (Hkv, G·T, S)
-            if mask is not None:
-                scores = scores.view(Hkv, G, T, S).add_(mask).view(Hkv, G * T, S)
-            y = torch.bmm(torch.softmax(scores, -1), cv.narrow(1, 0, S))  # (Hkv, G·T, D)
-            y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # heads back in order
-            x = w["wo"](y, residual=x)
-            gate, up = w["w13"](x, rms_eps=eps).chunk(2, -1)  # (T, F) each
-            x = w["w2"](F.silu(gate).mul_(up), residual=x)
-        cache.length = S
+            y = None
+            if self.kernels:  # None where the cache is not float32 on the CPU
+                y = decode_kernels.attend(qkv, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin, pos, H, Hkv)
+            if y is None:
+                y = self._attend_torch(qkv, cache, i, pos)
+            x = w["wo"](y, residual=x)  # (T, C)
+            x = w["w2"](decode_kernels.swiglu(w["w13"](x, rms_eps=eps)), residual=x)
+        cache.length = pos + T
         if last is not None and last < T:
             x, T = x[-last:], last
         return self.lm_head(x, rms_eps=eps).view(1, T, -1)
+
+    def _attend_torch(self, qkv: torch.Tensor, cache, i: int, pos: int) -> torch.Tensor:
+        """``decode_kernels.attend`` in torch: two small batched matmuls instead of SDPA's general kernel (which cost
+        ~260 us per call at T = 5 here); the G query heads sharing a KV head are the rows of its matmul (no repeat)."""
+        cfg = self.config
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        T, G = qkv.shape[0], H // Hkv
+        S = pos + T
+        qkv = qkv.view(T, H + 2 * Hkv, D)
+        qk = torch.bmm(qkv[:, : H + Hkv], self.rope[pos:S])  # RoPE: (T, H+Hkv, D) @ (T, D, D)
+        ck, cv = cache.k[i][0], cache.v[i][0]  # (Hkv, L, D)
+        ck.narrow(1, pos, T).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))
+        cv.narrow(1, pos, T).copy_(qkv.narrow(1, H + Hkv, Hkv).transpose(0, 1))
+        q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * T, D)  # rows: (head in group, t)
+        scores = torch.bmm(q, ck.narrow(1, 0, S).transpose(1, 2))  # (Hkv, G·T, S)
+        if T > 1:  # causal among the new tokens
+            mask = torch.full((T, S), float("-inf")).triu_(pos + 1)
+            scores = scores.view(Hkv, G, T, S).add_(mask).view(Hkv, G * T, S)
+        y = torch.bmm(torch.softmax(scores, -1), cv.narrow(1, 0, S))  # (Hkv, G·T, D)
+        return y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # heads back in order
 
 
 def main(argv=None):
