@@ -56,15 +56,12 @@ def cached_char_model(
     return model
 
 
-def target_continuations(target: GPT, train_ids: torch.Tensor, n: int, prompt_len: int, new_tokens: int, seed: int):
-    """(n, prompt_len + new_tokens): random training-set prompts, each continued by the target's greedy decoding
-    (batched, fused: ~20-30 s for 64 × 320 tokens on one CPU core)."""
+def greedy_continuations(target: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(n, P + new_tokens): each prompt row (n, P) followed by the target's greedy continuation (batched 16 at a time,
+    fused decoder: ~20-30 s for 64 × 320 tokens on one CPU core)."""
     from ch07.fused_decode import FusedDecoder
     from ch07.kv_cache import generate
 
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(train_ids) - prompt_len, (n,), generator=g)
-    prompts = torch.stack([train_ids[s : s + prompt_len] for s in starts])  # (n, P)
     fused = FusedDecoder(target)
     return torch.cat([torch.cat([p, generate(fused, p, new_tokens)], 1) for p in prompts.split(16)])
 
@@ -108,7 +105,8 @@ def distilled_draft(
         return GPT.load(model_dir).eval()
     if verbose:
         print(f"distilling the draft on {n_sequences} greedy continuations of the target ({new_tokens} tokens each)")
-    data = target_continuations(target, train_ids, n_sequences, 64, new_tokens, seed)  # (n, 64 + new)
+    starts = torch.randint(0, len(train_ids) - 64, (n_sequences,), generator=torch.Generator().manual_seed(seed))
+    data = greedy_continuations(target, torch.stack([train_ids[s : s + 64] for s in starts]), new_tokens)
     with torch.no_grad():
         p_log = torch.cat([target(x[:, :-1]).log_softmax(-1) for x in data.split(16)])  # (n, T, V), computed once
     student = GPT(draft.config)
@@ -134,13 +132,18 @@ def distilled_draft(
     return student
 
 
+def data_trained_draft(verbose: bool = True) -> GPT:
+    """The draft as trained on the data, before distillation (cached)."""
+    return cached_char_model(DRAFT["preset"], DRAFT["overrides"], DRAFT["iters"], DRAFT["batch_size"], verbose=verbose)
+
+
 def decode_models(verbose: bool = True, distill: bool = True):
     """(target, draft, CharTokenizer, val_ids) — the chapter's benchmark pair (draft distilled from the target)."""
     tok, _, val_ids = prepare_data("char")
     target = cached_char_model(
         TARGET["preset"], TARGET["overrides"], TARGET["iters"], TARGET["batch_size"], verbose=verbose
     )
-    draft = cached_char_model(DRAFT["preset"], DRAFT["overrides"], DRAFT["iters"], DRAFT["batch_size"], verbose=verbose)
+    draft = data_trained_draft(verbose)
     if distill:
         draft = distilled_draft(target, draft, verbose=verbose)
     return target, draft, tok, val_ids
@@ -149,24 +152,31 @@ def decode_models(verbose: bool = True, distill: bool = True):
 def greedy_agreement(target: GPT, draft: GPT, val_ids: torch.Tensor, n_prompts: int = 8, new_tokens: int = 256):
     """Fraction of the target's greedy tokens (continuing ``n_prompts`` held-out prompts) that the draft's argmax
     predicts from the same prefix — in greedy speculative decoding, the per-token acceptance probability."""
-    from ch07.fused_decode import FusedDecoder
-    from ch07.kv_cache import generate
-
     starts = torch.linspace(0, len(val_ids) - 64 - new_tokens - 1, n_prompts).long()
-    prompts = torch.stack([val_ids[s : s + 64] for s in starts])  # (n, 64)
-    seqs = torch.cat([prompts, generate(FusedDecoder(target), prompts, new_tokens)], 1)
+    seqs = greedy_continuations(target, torch.stack([val_ids[s : s + 64] for s in starts]), new_tokens)
     with torch.no_grad():
         guess = draft(seqs[:, :-1]).argmax(-1)[:, 63:]  # (n, new_tokens)
     return (guess == seqs[:, 64:]).float().mean().item()
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    t, d, tok, val = decode_models()
+def main(argv=None):
     from ch01.pretrained import val_loss
+    from common.cli import base_parser
 
-    print(f"target {t.num_params() / 1e6:.2f}M params, val loss {val_loss(t, val, batch_size=4, max_batches=5):.3f}")
-    print(f"draft  {d.num_params() / 1e6:.2f}M params, val loss {val_loss(d, val, batch_size=4, max_batches=5):.3f}")
-    undistilled = decode_models(verbose=False, distill=False)[1]
-    for name, m in (("data-trained draft", undistilled), ("distilled draft", d)):
-        print(f"{name}: agrees with the target's greedy tokens on held-out prompts {greedy_agreement(t, m, val):.3f}")
+    p = base_parser("train/cache the chapter's target and draft, distil the draft, report val loss and agreement")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t, d, _, val = decode_models()
+    report = {}
+    for name, m in (("target", t), ("data-trained draft", data_trained_draft(verbose=False)), ("distilled draft", d)):
+        loss = val_loss(m, val, batch_size=4, max_batches=5)
+        agree = None if m is t else greedy_agreement(t, m, val)
+        report[name] = {"params": m.num_params(), "val_loss": loss, "greedy_agreement": agree}
+        extra = "" if agree is None else f", agrees with the target's greedy tokens on held-out prompts {agree:.3f}"
+        print(f"{name}: {m.num_params() / 1e6:.2f}M params, val loss {loss:.3f}{extra}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

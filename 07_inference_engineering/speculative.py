@@ -200,7 +200,7 @@ def speculative_generate(
 
 
 def main(argv=None):
-    from ch07.models import decode_models
+    from ch07.models import data_trained_draft, decode_models
     from common.bench import hardware_info, markdown_table
     from common.cli import base_parser
     from common.seed import seed_everything
@@ -214,7 +214,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     target, draft, tok, val_ids = decode_models()
-    drafts = {"data-trained": decode_models(verbose=False, distill=False)[1], "distilled on-policy": draft}
+    drafts = {"data-trained": data_trained_draft(verbose=False), "distilled on-policy": draft}
     target = FusedDecoder(target)  # target and drafts on the same engine: a fair ratio
     drafts = {name: FusedDecoder(d) for name, d in drafts.items()}
     prompt = val_ids[: args.prompt_len]
