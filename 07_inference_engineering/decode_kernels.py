@@ -10,10 +10,10 @@
 Decoding multiplies a few rows by every weight matrix: one row per step, k+1 rows when speculative decoding verifies
 k draft tokens. Reading the weights should dominate, so k+1 rows should cost about one — but BLAS sgemm kernels are
 tuned for large matrices, and on this project's CPU (AMD EPYC, AVX2, MKL via torch, one thread) ``x @ W`` with
-5 rows took 2.6-3.7x the time of 1 row (256 x 1408: 136 vs 36 us) — so a verify forward cost ~1.6 decode steps and
-ate most of what speculation saves. ``decode_kernels.c`` packs each weight once into panels of 16 columns stored
-front to back and reads every panel ONCE for up to 12 rows (accumulators in registers): 5 rows cost 48 us there,
-1.4x one row.
+5 rows took 2.5-3.7x the time of 1 row across runs — so a verify forward cost ~1.6 decode steps and ate most of
+what speculation saves. ``decode_kernels.c`` packs each weight once into panels of 16 columns stored front to back
+and reads every panel ONCE for up to 12 rows (accumulators in registers): 5 rows cost 1.3-1.5x one row there
+(``python 07_inference_engineering/decode_kernels.py`` prints the table).
 Like llama.cpp's and other inference engines' own matmul kernels, it trades generality for the decode shapes.
 
 The rest of a decode step is many tiny operations — RoPE, two cache writes, the attention of one query row over the
@@ -170,27 +170,32 @@ class PackedWeight:
         return y
 
 
-if __name__ == "__main__":
-    import time
+def main(argv=None):
+    """µs per call of torch's ``x @ W`` vs the packed kernel for the target's projection shapes and 1-7 rows."""
+    from common.bench import hardware_info, markdown_table, timeit
+    from common.cli import base_parser
 
+    p = base_parser("small-batch GEMM: torch (MKL) vs the packed C kernel, microseconds per call")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 7])
+    p.add_argument("--repeats", type=int, default=300)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
     print("kernel:", "built" if load_library() is not None else "unavailable (torch fallback)")
-    torch.manual_seed(0)
-
-    def per_call_us(fn, reps=300):
-        for _ in range(20):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e6
-
-    print("| in x out | rows | torch x @ W (us) | packed kernel (us) |\n|---|---|---|---|")
-    for K, N in [(256, 768), (256, 1408), (704, 256)]:
+    rows = []
+    for K, N in [(256, 768), (256, 1408), (704, 256)]:  # the chapter target's QKV, gate+up and down projections
         W = torch.randn(K, N)
         pw = PackedWeight(W)
-        for M in (1, 2, 5, 7):
+        for M in args.rows:
             x = torch.randn(M, K)
             torch.testing.assert_close(pw(x), x @ W, atol=1e-4, rtol=1e-5)
-            blas, kernel = per_call_us(lambda x=x, W=W: x @ W), per_call_us(lambda x=x, pw=pw: pw(x))
-            print(f"| {K} x {N} | {M} | {blas:.1f} | {kernel:.1f} |")
+            fns = (lambda x=x, W=W: x @ W, lambda x=x, pw=pw: pw(x))
+            blas, kernel = (timeit(fn, warmup=20, repeats=args.repeats).median * 1e6 for fn in fns)
+            rows.append({"in x out": f"{K} x {N}", "rows": M, "torch x @ W (us)": blas, "packed kernel (us)": kernel})
+    print(hardware_info(), "(1 thread; median per call)")
+    print(markdown_table(rows, floatfmt=".1f"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

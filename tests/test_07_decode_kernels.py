@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ch01.functional import rope, rope_cache
 from ch07 import decode_kernels
-from ch07.decode_kernels import MAX_FAST_ROWS, PackedWeight, attend, swiglu
+from ch07.decode_kernels import MAX_FAST_ROWS, PackedWeight, attend, main, swiglu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +42,7 @@ def test_non_contiguous_input_and_bad_residual():
         pw(x, residual=torch.randn(24, 3).t())
 
 
+@needs_kernel
 def test_fallback_matches_kernel_and_large_batches_use_torch():
     torch.manual_seed(0)
     W = torch.randn(48, 40)
@@ -113,3 +114,11 @@ def test_swiglu_equals_torch():
     gu = torch.randn(5, 2 * 40) * 4
     gate, up = gu.chunk(2, -1)
     torch.testing.assert_close(swiglu(gu), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_main_checks_the_kernel_against_torch_for_each_shape():
+    rows = main(["--rows", "1", "5", "--repeats", "3"])  # main asserts kernel == x @ W before timing each shape
+    assert [(r["in x out"], r["rows"]) for r in rows] == [
+        (s, m) for s in ("256 x 768", "256 x 1408", "704 x 256") for m in (1, 5)
+    ]
+    assert all(r["torch x @ W (us)"] > 0 and r["packed kernel (us)"] > 0 for r in rows)
