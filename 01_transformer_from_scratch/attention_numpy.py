@@ -256,7 +256,7 @@ def check_cases(rng: np.random.Generator) -> dict[str, tuple[Callable, Callable,
 
 
 def main(argv=None) -> list[dict]:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], seed=True)
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     rows = []

@@ -29,7 +29,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> list[dict]:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("--preset", default="small")
     p.add_argument("--max-iters", type=int, default=300)
     p.add_argument("--eval-interval", type=int, default=100)
@@ -39,18 +39,37 @@ def main(argv=None) -> list[dict]:
     rows, curves = [], {}
     for name in args.variants:
         mcfg = GPTConfig.preset(args.preset, vocab_size=tok.vocab_size, **VARIANTS[name])
-        tc = TrainConfig(max_iters=args.max_iters, eval_interval=args.eval_interval, seed=args.seed,
-                         device=args.device, warmup_iters=min(100, args.max_iters // 10), progress=False,
-                         ckpt_interval=args.max_iters + 1, out_dir=str(cache_dir("runs", "ablation", name)))
+        tc = TrainConfig(
+            max_iters=args.max_iters,
+            eval_interval=args.eval_interval,
+            seed=args.seed,
+            device=args.device,
+            warmup_iters=min(100, args.max_iters // 10),
+            progress=False,
+            ckpt_interval=args.max_iters + 1,
+            out_dir=str(cache_dir("runs", "ablation", name)),
+        )
         res = train(mcfg, tc, train_ids, val_ids)
         curves[name] = ([v[0] for v in res["val"]], [v[2] for v in res["val"]])
-        rows.append({"variant": name, "params": f"{res['model'].num_params():,}", "val loss": res["val"][-1][2],
-                     "train loss": res["val"][-1][1], "tokens/s": f"{res['tokens_per_s']:,.0f}"})
+        rows.append(
+            {
+                "variant": name,
+                "params": f"{res['model'].num_params():,}",
+                "val loss": res["val"][-1][2],
+                "train loss": res["val"][-1][1],
+                "tokens/s": f"{res['tokens_per_s']:,.0f}",
+            }
+        )
         print(f"{name}: val loss {res['val'][-1][2]:.4f}")
     print(f"\n{args.preset} preset, {args.max_iters} iterations, batch 12 x block 64; {hardware_info()}\n")
     print(markdown_table(rows))
-    path = line_plot(curves, assets_dir(__file__) / "architecture_ablation.png", xlabel="iteration",
-                     ylabel="val loss", title=f"GPT-2 vs Llama-style blocks ({args.max_iters} iters)")
+    path = line_plot(
+        curves,
+        assets_dir(__file__) / "architecture_ablation.png",
+        xlabel="iteration",
+        ylabel="val loss",
+        title=f"GPT-2 vs Llama-style blocks ({args.max_iters} iters)",
+    )
     print(f"\nplot: {path}")
     return rows
 

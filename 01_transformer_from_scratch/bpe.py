@@ -9,6 +9,9 @@ deletion yields the next most frequent pair. Ties go to the lexicographically gr
 
 Encoding (what tiktoken does): pre-tokenize, then inside each pre-token merge the adjacent pair whose concatenation has
 the lowest rank (= token id, = merge order) until none is in the vocabulary. Results are cached per pre-token.
+A vocabulary published with its merges list (Hugging Face tokenizers, llama.cpp's GGUF "gpt2" vocab, e.g. SmolLM2) is
+encoded the way Sennrich's BPE defines it instead: ``rank_by="merge"`` joins the adjacent pair that comes first in the
+merges list — token ids need not follow merge order there (see gguf_tokenizer.py).
 
 Run:  python 01_transformer_from_scratch/bpe.py --vocab-size 512       (trains on tiny-shakespeare, shows an encoding)
 Refs: Sennrich, Haddow & Birch 2016 (BPE for NMT); Radford et al. 2019 (GPT-2 byte-level BPE); tiktoken; Karpathy minbpe.
@@ -35,6 +38,11 @@ from common.data import SHAKESPEARE_PATH
 # whitespace not followed by a non-space (so " word" keeps its leading space), remaining whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _PRETOKEN_RE = regex.compile(GPT2_PATTERN)
+# llama.cpp's "smollm" pre-tokenizer (llama-vocab.cpp: regexes "\p{N}" then GPT-2's; Hugging Face: Sequence[Digits(
+# individual_digits=True), ByteLevel]): every digit is a pre-token of its own, GPT-2's regex runs on the text between.
+# As one regex: digits match alone, " ?\p{N}+" is gone, and the whitespace look-ahead treats a digit like the end of text.
+SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+PRE_TOKENIZERS = {"gpt-2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # keyed by GGUF's tokenizer.ggml.pre names
 
 
 def _special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
@@ -135,42 +143,49 @@ def _merge_loop(word_counts: dict[bytes, int], num_merges: int, first_id: int) -
         keys.append(tie_key(token_bytes[-1]))
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for i in pair_words.pop((a, b)):
-            w = words[i]
-            n = len(w)
-            c = counts[i]
-            new_w, j = [], 0
-            # Only the neighbours of each merged occurrence change: (x, a) -> (x, new) and (b, y) -> (new, y).
-            while j < n:
-                if j + 1 < n and w[j] == a and w[j + 1] == b:
-                    if new_w:
-                        left = new_w[-1]
-                        if left != new_id:  # else the previous occurrence already removed (b, a)
-                            delta[(w[j - 1], a)] -= c
-                        delta[(left, new_id)] += c
-                        pair_words[(left, new_id)].add(i)
-                    if j + 2 < n:
-                        right = w[j + 2]
-                        delta[(b, right)] -= c
-                        if not (right == a and j + 3 < n and w[j + 3] == b):  # the next occurrence adds (new, new)
-                            delta[(new_id, right)] += c
-                            pair_words[(new_id, right)].add(i)
-                    new_w.append(new_id)
-                    j += 2
-                else:
-                    new_w.append(w[j])
-                    j += 1
-            words[i] = new_w
-        for pair, d in delta.items():
-            if d == 0:
-                continue
-            c = pair_counts[pair] + d
-            if c > 0:
-                pair_counts[pair] = c
-                heapq.heappush(heap, (-c, keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
-            else:
-                del pair_counts[pair]
+            words[i] = _merge_word(words[i], a, b, new_id, counts[i], i, delta, pair_words)
+        _apply_delta(delta, pair_counts, heap, keys)
         pair_counts.pop((a, b), None)
     return [(a + first_id, b + first_id) for a, b in merges]
+
+
+def _merge_word(w: list[int], a: int, b: int, new_id: int, c: int, i: int, delta, pair_words) -> list[int]:
+    """Word ``w`` (count c) with every (a, b) replaced by new_id; the changed neighbour pairs' counts go to ``delta``.
+    Only the neighbours of each merged occurrence change: (x, a) -> (x, new) and (b, y) -> (new, y)."""
+    n, new_w, j = len(w), [], 0
+    while j < n:
+        if j + 1 < n and w[j] == a and w[j + 1] == b:
+            if new_w:
+                left = new_w[-1]
+                if left != new_id:  # else the previous occurrence already removed (b, a)
+                    delta[(w[j - 1], a)] -= c
+                delta[(left, new_id)] += c
+                pair_words[(left, new_id)].add(i)
+            if j + 2 < n:
+                right = w[j + 2]
+                delta[(b, right)] -= c
+                if not (right == a and j + 3 < n and w[j + 3] == b):  # the next occurrence adds (new, new)
+                    delta[(new_id, right)] += c
+                    pair_words[(new_id, right)].add(i)
+            new_w.append(new_id)
+            j += 2
+        else:
+            new_w.append(w[j])
+            j += 1
+    return new_w
+
+
+def _apply_delta(delta, pair_counts, heap, keys) -> None:
+    """Update pair counts by ``delta`` and push the changed pairs with their new counts (old entries go stale)."""
+    for pair, d in delta.items():
+        if d == 0:
+            continue
+        c = pair_counts[pair] + d
+        if c > 0:
+            pair_counts[pair] = c
+            heapq.heappush(heap, (-c, keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
+        else:
+            del pair_counts[pair]
 
 
 def train_bpe(
@@ -230,17 +245,53 @@ def bpe_merge(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None
     return parts
 
 
+def bpe_merge_ids(merge_ranks: dict[tuple[int, int], tuple[int, int]], ids: list[int]) -> list[int]:
+    """Sennrich / HF / llama.cpp merge loop on token ids: repeatedly apply the adjacent pair that comes first in the merges
+    list (leftmost on ties). ``merge_ranks[(a, b)] = (position in merges, id of the merged token)``."""
+    ids = list(ids)
+    while len(ids) > 1:
+        best, best_i = None, -1
+        for i in range(len(ids) - 1):
+            m = merge_ranks.get((ids[i], ids[i + 1]))
+            if m is not None and (best is None or m[0] < best[0]):
+                best, best_i = m, i
+        if best is None:
+            break
+        ids[best_i : best_i + 2] = [best[1]]
+    return ids
+
+
 class Tokenizer:
-    """Encode text to token ids and back with a trained byte-level BPE (``vocab`` id -> bytes, ``merges`` in order)."""
+    """Encode text to token ids and back with a byte-level BPE (``vocab`` id -> bytes, ``merges`` in order).
+
+    ``pre_tokenizer``: a name in ``PRE_TOKENIZERS`` ("gpt-2" or "smollm"). ``rank_by``: "token" merges tiktoken's way
+    (lowest id of the joined bytes first: our trainer's vocabularies), "merge" the HF / llama.cpp way (earliest pair in
+    ``merges`` first: published vocabularies). ``bos_id``, ``eos_id`` and ``chat_template`` are carried for chat models.
+    """
 
     CACHE_LIMIT = 1 << 18  # pre-tokens remembered; the cache is dropped and restarted when full (bounded memory)
 
     def __init__(
-        self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_tokens: list[str] | None = None
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: list[str] | None = None,
+        *,
+        pre_tokenizer: str = "gpt-2",
+        rank_by: str = "token",
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        chat_template: str | None = None,
     ):
+        if pre_tokenizer not in PRE_TOKENIZERS:
+            raise ValueError(f"pre_tokenizer={pre_tokenizer!r}; known: {', '.join(PRE_TOKENIZERS)}")
+        if rank_by not in ("token", "merge"):
+            raise ValueError(f"rank_by={rank_by!r}; choose 'token' (tiktoken) or 'merge' (HF / llama.cpp)")
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self.pre_tokenizer, self.rank_by = pre_tokenizer, rank_by
+        self.bos_id, self.eos_id, self.chat_template = bos_id, eos_id, chat_template
         first_id = {}
         for i in sorted(self.vocab, reverse=True):
             first_id[self.vocab[i]] = i  # lowest id wins if two ids share bytes
@@ -254,31 +305,57 @@ class Tokenizer:
         special_set = set(self.special_ids.values())
         self.ranks = {t: i for t, i in first_id.items() if i not in special_set}  # bytes -> id (= merge priority)
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
-        if missing:
+        if missing and rank_by == "token":
             raise ValueError(
                 f"vocabulary lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}): "
                 "byte-level BPE needs all 256 so that any text can be encoded"
             )
-        merged = [self.ranks.get(a + b) for a, b in self.merges]
-        if None in merged or any(x >= y for x, y in zip(merged, merged[1:])):
-            raise ValueError(
-                "merges do not match the vocabulary: every merge must produce a token whose id grows "
-                "with the merge's position (the rank order tiktoken uses)"
-            )
+        # A published vocabulary may lack a few bytes (SmolLM2: 21, e.g. 0x04 and those UTF-8 never uses): such a byte
+        # gets id -1, which no merge joins, and is dropped from the output, as llama.cpp does.
+        self._byte_ids = [self.ranks.get(bytes([b]), -1) for b in range(256)]
+        self.merge_ranks = self._check_merges()
+        self._pretoken_re = regex.compile(PRE_TOKENIZERS[pre_tokenizer])
         self._splitter = _special_splitter(self.special_tokens)
         self._max_special = max((len(s) for s in self.special_tokens), default=0)
         self._cache: dict[str, list[int]] = {}
 
+    def _check_merges(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """Every merge must join two tokens into a token of the vocabulary; by token rank, ids must also grow with the
+        merge's position. Returns ``{(id_a, id_b): (position, merged id)}`` for ``rank_by="merge"`` (else empty)."""
+        ids = [(self.ranks.get(a), self.ranks.get(b), self.ranks.get(a + b)) for a, b in self.merges]
+        bad = next((k for k, t in enumerate(ids) if None in t), None)
+        if bad is not None:
+            raise ValueError(f"merge {bad} {self.merges[bad]!r} joins or makes a token missing from the vocabulary")
+        if self.rank_by == "merge":
+            return {(a, b): (k, ab) for k, (a, b, ab) in enumerate(ids)}
+        made = [ab for _, _, ab in ids]
+        if any(x >= y for x, y in zip(made, made[1:])):
+            raise ValueError(
+                "merges do not match the vocabulary: every merge must produce a token whose id grows "
+                "with the merge's position (the rank order tiktoken uses; use rank_by='merge' for HF-style vocabularies)"
+            )
+        return {}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab) + 1
+
     # -------------------------------------------------------------------------------------------- encode / decode
 
+    def _encode_piece(self, data: bytes) -> list[int]:
+        """Ids of one pre-token's bytes."""
+        if self.rank_by == "merge":
+            ids = bpe_merge_ids(self.merge_ranks, [self._byte_ids[b] for b in data])
+            return [i for i in ids if i >= 0]
+        rank = self.ranks.get(data)  # whole pre-token is one token: no merging needed (tiktoken does the same)
+        return [rank] if rank is not None else [self.ranks[p] for p in bpe_merge(self.ranks, data)]
+
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
-        cache, ranks = self._cache, self.ranks
-        for piece in _PRETOKEN_RE.findall(text):
+        cache = self._cache
+        for piece in self._pretoken_re.findall(text):
             ids = cache.get(piece)
             if ids is None:
-                data = piece.encode("utf-8")
-                rank = ranks.get(data)  # whole pre-token is one token: no merging needed (tiktoken does the same)
-                ids = [rank] if rank is not None else [ranks[p] for p in bpe_merge(ranks, data)]
+                ids = self._encode_piece(piece.encode("utf-8"))
                 if len(cache) >= self.CACHE_LIMIT:
                     cache.clear()
                 cache[piece] = ids
@@ -311,7 +388,7 @@ class Tokenizer:
         if start >= limit:
             return start
         # Pre-tokens may still change at the end (e.g. "'l" + "l" -> "'ll"), so keep the last two back.
-        starts = [m.start() for m in _PRETOKEN_RE.finditer(buf, start, limit)]
+        starts = [m.start() for m in self._pretoken_re.finditer(buf, start, limit)]
         return start if len(starts) < 3 else starts[-2]
 
     def encode_iterable(self, chunks: Iterable[str]) -> Iterator[int]:
@@ -336,10 +413,24 @@ class Tokenizer:
         """Text for ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    # ------------------------------------------------------------------------------------------------------- chat
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """Token ids of a conversation rendered with ``self.chat_template`` (see ch01/chat_template.py)."""
+        from ch01.chat_template import apply_chat_template
+
+        return apply_chat_template(self, messages, add_generation_prompt=add_generation_prompt, **extra)
+
     # ------------------------------------------------------------------------------------------------ save / load
 
+    def config(self) -> dict:
+        """What vocab.json + merges.txt do not hold: how to pre-tokenize and merge, BOS/EOS, the chat template."""
+        keys = ("pre_tokenizer", "rank_by", "bos_id", "eos_id", "chat_template")
+        return {k: getattr(self, k) for k in keys}
+
     def save(self, directory: str | Path) -> Path:
-        """GPT-2 / Hugging Face layout: vocab.json ({token: id}, bytes shown via ``bytes_to_unicode``), merges.txt."""
+        """GPT-2 / Hugging Face layout: vocab.json ({token: id}, bytes shown via ``bytes_to_unicode``), merges.txt;
+        plus special_tokens.json (a list) and bpe_config.json (``config()``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         enc = bytes_to_unicode()
@@ -349,6 +440,7 @@ class Tokenizer:
         lines = ["#version: 0.2"] + [f"{show(a)} {show(b)}" for a, b in self.merges]
         (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (directory / "special_tokens.json").write_text(json.dumps(self.special_tokens, ensure_ascii=False))
+        (directory / "bpe_config.json").write_text(json.dumps(self.config(), ensure_ascii=False, indent=1))
         return directory
 
     @classmethod
@@ -356,13 +448,19 @@ class Tokenizer:
         directory = Path(directory)
         specials_file = directory / "special_tokens.json"
         specials = json.loads(specials_file.read_text(encoding="utf-8")) if specials_file.exists() else []
-        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", specials)
+        config_file = directory / "bpe_config.json"  # absent in directories saved before it existed: GPT-2 defaults
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", specials, **config)
 
     @classmethod
     def from_gpt2_files(
-        cls, vocab_json: str | Path, merges_txt: str | Path, special_tokens: Iterable[str] = ("<|endoftext|>",)
+        cls,
+        vocab_json: str | Path,
+        merges_txt: str | Path,
+        special_tokens: Iterable[str] = ("<|endoftext|>",),
+        **config,
     ) -> Tokenizer:
-        """Load GPT-2's published ``vocab.json`` + ``merges.txt`` (or our ``save`` output)."""
+        """Load GPT-2's published ``vocab.json`` + ``merges.txt`` (or our ``save`` output); ``config``: see ``__init__``."""
         dec = {c: b for b, c in bytes_to_unicode().items()}
         raw = lambda s: bytes(dec[c] for c in s)
         try:
@@ -374,10 +472,15 @@ class Tokenizer:
                     merges.append((raw(a), raw(b)))
         except (KeyError, ValueError) as e:
             raise ValueError(f"{vocab_json} / {merges_txt} are not GPT-2 style vocab/merges files: {e}") from None
-        return cls(vocab, merges, list(special_tokens))
+        return cls(vocab, merges, list(special_tokens), **config)
+
+    def _check_tiktoken(self) -> None:
+        if self.rank_by != "token" or self.pre_tokenizer != "gpt-2":
+            raise ValueError("tiktoken holds token-ranked BPE with GPT-2's pattern; this tokenizer merges differently")
 
     def save_tiktoken(self, path: str | Path) -> Path:
         """tiktoken's ``.tiktoken`` rank file: one ``base64(token) rank`` line per non-special token."""
+        self._check_tiktoken()
         path = Path(path)
         lines = [
             f"{base64.b64encode(t).decode('ascii')} {r}" for t, r in sorted(self.ranks.items(), key=lambda x: x[1])
@@ -412,6 +515,7 @@ class Tokenizer:
         """A ``tiktoken.Encoding`` with exactly our ranks, pattern and special tokens."""
         import tiktoken
 
+        self._check_tiktoken()
         return tiktoken.Encoding(
             name, pat_str=GPT2_PATTERN, mergeable_ranks=dict(self.ranks), special_tokens=dict(self.special_ids)
         )
@@ -419,8 +523,11 @@ class Tokenizer:
 
 __all__ = [
     "GPT2_PATTERN",
+    "PRE_TOKENIZERS",
+    "SMOLLM_PATTERN",
     "Tokenizer",
     "bpe_merge",
+    "bpe_merge_ids",
     "bytes_to_unicode",
     "count_pretokens",
     "merge_pretokens",
@@ -429,7 +536,7 @@ __all__ = [
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], out=True)
     p.add_argument("--input", default=str(SHAKESPEARE_PATH), help="UTF-8 text file to train on")
     p.add_argument("--vocab-size", type=int, default=512, help="final vocabulary size (special + 256 bytes + merges)")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")

@@ -1,7 +1,7 @@
 """Character-level tokenizer: one id per distinct character (65 for tiny-shakespeare), as in nanoGPT's shakespeare_char.
 
-    tok = CharTokenizer.from_text(load_shakespeare())
-    tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
+tok = CharTokenizer.from_text(load_shakespeare())
+tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
 """
 
 from __future__ import annotations
@@ -47,12 +47,20 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}))
+    special_ids: dict[str, int] = {}  # no special tokens (ch01/tokenizer.py's interface)
+
+    def save(self, directory: str | Path) -> Path:
+        """``directory/tokenizer.json`` = {"type": "char", "chars": ...}; returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tokenizer.json").write_text(json.dumps({"type": "char", "chars": self.chars}))
+        return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> CharTokenizer:
-        data = json.loads(Path(path).read_text())
+    def load(cls, directory: str | Path) -> CharTokenizer:
+        path = Path(directory)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        data = json.loads(path.read_text())
         if data.get("type") != "char":
             raise ValueError(f"{path} is not a char tokenizer file")
         return cls(data["chars"])

@@ -2,7 +2,7 @@
 
     hf = to_hf(model)                 # a transformers LlamaForCausalLM with our weights (same logits)
     model = from_hf(hf)               # and back
-    save_hf(model, "out/hf")          # AutoModelForCausalLM.from_pretrained("out/hf") loads it (safetensors, offline)
+    save_hf(model, "out/hf", tok)     # AutoModelForCausalLM / AutoTokenizer.from_pretrained("out/hf") load it (offline)
 
 Both use the rotate-half RoPE layout, so q/k need no permutation here (llama.cpp's GGUF does; see chapter 06).
 Only the Llama-style variant maps (RoPE + RMSNorm + SwiGLU); the GPT-2-style ablation variant is refused clearly.
@@ -21,21 +21,26 @@ from common.cli import base_parser
 
 def _layer_map(i: int) -> dict[str, str]:
     ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-    return {ours + "attn_norm.weight": theirs + "input_layernorm.weight",
-            ours + "attn.wq.weight": theirs + "self_attn.q_proj.weight",
-            ours + "attn.wk.weight": theirs + "self_attn.k_proj.weight",
-            ours + "attn.wv.weight": theirs + "self_attn.v_proj.weight",
-            ours + "attn.wo.weight": theirs + "self_attn.o_proj.weight",
-            ours + "mlp_norm.weight": theirs + "post_attention_layernorm.weight",
-            ours + "mlp.w1.weight": theirs + "mlp.gate_proj.weight",
-            ours + "mlp.w3.weight": theirs + "mlp.up_proj.weight",
-            ours + "mlp.w2.weight": theirs + "mlp.down_proj.weight"}
+    return {
+        ours + "attn_norm.weight": theirs + "input_layernorm.weight",
+        ours + "attn.wq.weight": theirs + "self_attn.q_proj.weight",
+        ours + "attn.wk.weight": theirs + "self_attn.k_proj.weight",
+        ours + "attn.wv.weight": theirs + "self_attn.v_proj.weight",
+        ours + "attn.wo.weight": theirs + "self_attn.o_proj.weight",
+        ours + "mlp_norm.weight": theirs + "post_attention_layernorm.weight",
+        ours + "mlp.w1.weight": theirs + "mlp.gate_proj.weight",
+        ours + "mlp.w3.weight": theirs + "mlp.up_proj.weight",
+        ours + "mlp.w2.weight": theirs + "mlp.down_proj.weight",
+    }
 
 
 def weight_map(cfg: GPTConfig) -> dict[str, str]:
     """Our parameter name -> Hugging Face Llama parameter name."""
-    table = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
+    table = {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
     for i in range(cfg.n_layer):
         table.update(_layer_map(i))
     return table
@@ -46,13 +51,25 @@ def hf_config(cfg: GPTConfig):
 
     if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
         raise ValueError("only the Llama-style model (pos_emb=rope, norm=rmsnorm, mlp=swiglu) maps to LlamaForCausalLM")
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                       num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                       max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       tie_word_embeddings=cfg.tie_weights, attention_bias=False, mlp_bias=False, hidden_act="silu",
-                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_weights,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
 
 
 def to_hf(model: GPT):
@@ -72,33 +89,71 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
-def from_hf(hf) -> GPT:
-    """A GPT built from a ``LlamaForCausalLM`` (any size; RoPE scaling variants are refused)."""
-    c = hf.config
-    rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 1e4)}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"RoPE type {rope['rope_type']!r} is not supported by the mini-GPT (only 'default')")
+def config_from_hf(c) -> GPTConfig:
+    """``GPTConfig`` from a Llama ``config.json`` (a dict-like namespace or a transformers ``LlamaConfig``)."""
+    if getattr(c, "model_type", "llama") != "llama":
+        raise ValueError(f"model_type {c.model_type!r} is not supported: the mini-GPT loads 'llama' checkpoints")
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"RoPE type {rope_type!r} is not supported by the mini-GPT (only 'default')")
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if head_dim * c.num_attention_heads != c.hidden_size:
         raise ValueError("head_dim * num_attention_heads != hidden_size is not supported by the mini-GPT")
-    cfg = GPTConfig(vocab_size=c.vocab_size, block_size=c.max_position_embeddings, n_layer=c.num_hidden_layers,
-                    n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size,
-                    ffn_hidden=c.intermediate_size, rope_theta=rope["rope_theta"], norm_eps=c.rms_norm_eps,
-                    tie_weights=bool(c.tie_word_embeddings))
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ValueError("biases in attention/MLP are not supported by the mini-GPT")
+    return GPTConfig(
+        vocab_size=c.vocab_size,
+        block_size=c.max_position_embeddings,
+        n_layer=c.num_hidden_layers,
+        n_head=c.num_attention_heads,
+        n_kv_head=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        n_embd=c.hidden_size,
+        ffn_hidden=c.intermediate_size,
+        rope_theta=float(theta),
+        norm_eps=c.rms_norm_eps,
+        tie_weights=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+def from_hf(hf) -> GPT:
+    """A GPT built from a ``LlamaForCausalLM`` (any size; RoPE scaling variants are refused)."""
+    cfg = config_from_hf(hf.config)
     model = GPT(cfg)
     theirs = hf.state_dict()
-    state = {name: theirs[hf_name].detach().clone().float() for name, hf_name in weight_map(cfg).items()
-             if hf_name in theirs}
+    state = {
+        name: theirs[hf_name].detach().clone().float() for name, hf_name in weight_map(cfg).items() if hf_name in theirs
+    }
     if cfg.tie_weights:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def save_hf(model: GPT, directory: str | Path) -> Path:
-    """Write a Hugging Face model directory (config.json + model.safetensors) loadable with AutoModelForCausalLM."""
+def save_hf(model: GPT, directory: str | Path, tokenizer=None) -> Path:
+    """Write a Hugging Face model directory (config.json + model.safetensors) loadable with AutoModelForCausalLM; with
+    ``tokenizer`` also tokenizer.json + tokenizer_config.json (chat template included) + generation_config.json, so
+    ``AutoTokenizer`` and ``transformers.pipeline("text-generation", model=directory)`` work and give our tokens."""
     directory = Path(directory)
-    to_hf(model).save_pretrained(directory, safe_serialization=True)
+    hf = to_hf(model)
+    if tokenizer is not None:
+        from transformers import GenerationConfig
+
+        from ch01.gguf_tokenizer import save_hf_tokenizer
+
+        ids = {k: getattr(tokenizer, f"{k}_id", None) for k in ("bos", "eos")}
+        hf.config.bos_token_id, hf.config.eos_token_id = ids["bos"], ids["eos"]
+        hf.generation_config = GenerationConfig(
+            bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["eos"]
+        )
+        save_hf_tokenizer(
+            tokenizer,
+            directory,
+            chat_template=getattr(tokenizer, "chat_template", None),
+            model_max_length=model.config.block_size,
+        )
+    hf.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
@@ -108,7 +163,7 @@ def max_logit_diff(model: GPT, hf, idx: torch.Tensor) -> float:
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--n-kv-head", type=int, default=2, help="grouped-query heads (exercise the GQA mapping)")
     args = p.parse_args(argv)

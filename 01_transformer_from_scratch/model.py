@@ -7,13 +7,17 @@ and weight tying), plus a GPT-2-style variant (learned positions, LayerNorm, GEL
 
 Attention is pluggable: ``register_attention(name)`` adds an implementation with the signature
 ``fn(q, k, v, *, causal, attn_mask, dropout_p) -> out`` (q, k, v: (B, H, T, D); ``attn_mask`` boolean, True = attend);
-``GPTConfig.attn_impl`` picks one. ``forward(idx, kv_cache=..., start_pos=...)`` lets chapter 07 decode with a cache.
+``GPTConfig.attn_impl`` picks one; names owned by later chapters (``flash_triton``, ``window256``, ...) are imported on
+first use. ``forward(idx, positions=..., cache=..., attn_mask=...)`` is the seam every later chapter extends: per-row
+positions (ragged batches, servers), any cache with ``update(layer, k, v, positions)`` (cache.py), extra masks.
+``generate.py`` holds the one decoding loop; ``train.py`` the one training loop.
 Module names map one-to-one onto Hugging Face ``LlamaForCausalLM`` (see hf_interop.py).
 References: Vaswani 2017; Radford 2019 (GPT-2); Touvron 2023 (Llama); Su 2021 (RoPE); Shazeer 2020; Ainslie 2023 (GQA).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -24,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ch01.cache import Cache
 from ch01.functional import apply_rope, rmsnorm, rope_cache, scaled_dot_product_attention, silu
 
 PRESETS: dict[str, dict] = {
@@ -61,8 +66,11 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        for name, allowed in (("pos_emb", ("rope", "learned")), ("norm", ("rmsnorm", "layernorm")),
-                              ("mlp", ("swiglu", "gelu"))):
+        for name, allowed in (
+            ("pos_emb", ("rope", "learned")),
+            ("norm", ("rmsnorm", "layernorm")),
+            ("mlp", ("swiglu", "gelu")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.ffn_hidden is None:
@@ -109,10 +117,26 @@ def register_attention(name: str):
     return deco
 
 
+# Implementations owned by later chapters, imported on first use so that a config naming one loads in any process
+# (ch01 imports nothing later at import time). "window<N>" is ch04's sliding window of N tokens.
+LAZY_ATTENTION: dict[str, str] = {
+    "flash_triton": "ch04.flash_triton",
+    "flash_pytorch": "ch04.flash_pytorch",
+    "window": "ch04.sparse_attention",
+    "sdpa_export": "ch08.export_onnx",
+}
+
+
 def get_attention(name: str) -> AttentionFn:
     if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; registered: {', '.join(ATTENTION_IMPLS)} "
-                         "(chapter 04 registers flash_triton / flash_pytorch when imported)")
+        module = LAZY_ATTENTION.get(name.rstrip("0123456789"))
+        if module is not None:
+            mod = importlib.import_module(module)  # registering is a side effect of importing it
+            if name not in ATTENTION_IMPLS and hasattr(mod, "register_lazy"):
+                mod.register_lazy(name)
+    if name not in ATTENTION_IMPLS:
+        known = sorted(set(ATTENTION_IMPLS) | {k for k in LAZY_ATTENTION if k != "window"} | {"window<N>"})
+        raise ValueError(f"unknown attention implementation {name!r}; known: {', '.join(known)}")
     return ATTENTION_IMPLS[name]
 
 
@@ -131,34 +155,30 @@ def sdpa_attention(q, k, v, *, causal: bool, attn_mask=None, dropout_p: float = 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
 
 
-# ----------------------------------------------------------------------------------------------------------- KV cache
-class DynamicKVCache:
-    """The simplest KV cache: per layer, keys/values concatenated as they come. Chapter 07 adds a preallocated one.
+# ------------------------------------------------------------------------------------------------- attention masks
+@dataclass
+class AttentionMask:
+    causal: bool  # plain causal attention over T == S keys: kernels take a flag, no mask tensor
+    mask: torch.Tensor | None  # boolean (B|1, 1, T, S), True = attend
 
-    Any cache works with the model if it has ``update(layer, k, v, start_pos) -> (k_all, v_all)`` returning the keys and
-    values for positions ``[0, start_pos + T)``.
-    """
 
-    def __init__(self, n_layer: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
-        if self.k[layer] is None:
-            if start_pos != 0:
-                raise ValueError(f"empty cache but start_pos={start_pos}")
-            self.k[layer], self.v[layer] = k, v
-        else:
-            if start_pos != self.k[layer].shape[-2]:  # drop rolled-back positions
-                self.k[layer] = self.k[layer][..., :start_pos, :]
-                self.v[layer] = self.v[layer][..., :start_pos, :]
-            self.k[layer] = torch.cat([self.k[layer], k], dim=-2)  # (B, Hkv, S, D)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=-2)
-        return self.k[layer], self.v[layer]
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[-2]
+def attention_mask(pos: torch.Tensor, T: int, cache_end: int | None, extra: torch.Tensor | None) -> AttentionMask:
+    """What each query may see. Without a cache: causal over the T tokens of ``idx`` (positions only feed RoPE, so
+    packed documents whose positions restart still attend causally by order; separate them with ``extra``).
+    With a cache (keys 0 … cache_end-1, index = position): key j is visible to a query at position p iff j <= p."""
+    device = pos.device
+    if cache_end is None:
+        if extra is None:
+            return AttentionMask(causal=T > 1, mask=None)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return AttentionMask(False, causal & (extra if extra.dim() == 4 else extra[:, None]))
+    if extra is None and pos.dim() == 1 and (T == 1 or cache_end == T):  # one new token, or a prefill from 0
+        return AttentionMask(causal=T > 1, mask=None)
+    visible = torch.arange(cache_end, device=device) <= pos[..., None]  # (T, S) or (B, T, S)
+    visible = visible[None, None] if visible.dim() == 2 else visible[:, None]  # (B|1, 1, T, S)
+    if extra is not None:
+        visible = visible & (extra if extra.dim() == 4 else extra[:, None])
+    return AttentionMask(False, visible)
 
 
 # ------------------------------------------------------------------------------------------------------------- blocks
@@ -173,8 +193,11 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
-    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps,
-                                                                                          bias=False)
+    return (
+        RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if cfg.norm == "rmsnorm"
+        else nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=False)
+    )
 
 
 class Attention(nn.Module):
@@ -187,7 +210,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=False)
 
-    def forward(self, x, rope_cs, kv_cache, start_pos, attn_mask):
+    def forward(self, x, rope_cs, cache, positions, mask):
+        """mask: an ``AttentionMask`` built once per forward by ``GPT.forward`` (causal flag or boolean mask)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.wq(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -195,14 +219,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope_cs is not None:
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, start_pos)  # (B, Hkv, S, D), S = start_pos + T
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D): index j = position j
         if cfg.n_kv_head != cfg.n_head:  # GQA: each kv head serves n_head / n_kv_head query heads
             rep = cfg.n_head // cfg.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        causal = attn_mask is None and k.shape[-2] == T
         dropout_p = cfg.dropout if self.training else 0.0
-        y = get_attention(cfg.attn_impl)(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p)
+        attend = get_attention(cfg.attn_impl)
+        y = attend(q, k, v, causal=mask.causal, attn_mask=mask.mask, dropout_p=dropout_p)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
 
 
@@ -230,8 +254,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope_cs=None, kv_cache=None, start_pos=0, attn_mask=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope_cs, kv_cache, start_pos, attn_mask))
+    def forward(self, x, rope_cs, cache, positions, mask):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope_cs, cache, positions, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -258,45 +282,51 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, idx: torch.Tensor, kv_cache=None, start_pos: int = 0,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx (B, T) int -> logits (B, T, vocab).
 
-        kv_cache/start_pos: positions of ``idx`` are start_pos … start_pos+T-1 and earlier keys come from the cache.
-        key_padding_mask: (B, S) bool over all S = start_pos+T key positions, False = padding (never attended).
+        positions: (B, T) position of every token (default: 0 … T-1, or continuing a cache from ``cache.length``).
+            Rows may differ — a ragged batch where each row sits at its own position needs no padding tricks.
+        cache: anything with ``update(layer, k, v, positions)`` (see ch01/cache.py). With a cache, key index j is
+            position j, so a query at position p attends to keys 0 … p of its own row.
+        attn_mask: optional boolean (B, T, S) or (B, 1, T, S), True = may attend, ANDed with causality (S = T without
+            a cache). Every query must keep at least one visible key (e.g. itself).
         """
         B, T = idx.shape
         cfg = self.config
-        if start_pos + T > cfg.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size={cfg.block_size}")
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        start = getattr(cache, "length", 0) if cache is not None else 0
+        if positions is None:
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,): the same for every row
+            end = start + T
+        else:
+            if positions.shape != idx.shape:
+                raise ValueError(
+                    f"positions must have the shape of idx {tuple(idx.shape)}, got {tuple(positions.shape)}"
+                )
+            pos = positions.to(idx.device)  # (B, T)
+            end = int(pos.max()) + 1
+        if end > cfg.block_size:
+            raise ValueError(f"position {end - 1} is beyond block_size={cfg.block_size} (sequence of {end} tokens)")
         x = self.tok_emb(idx)  # (B, T, C)
         rope_cs = None
         if cfg.pos_emb == "learned":
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(pos)
         else:
-            rope_cs = rope_cache(cfg.head_dim, positions, cfg.rope_theta)  # 2 × (T, D)
+            cos, sin = rope_cache(cfg.head_dim, pos.reshape(-1), cfg.rope_theta)  # 2 × (T | B·T, D)
+            rope_cs = (cos, sin) if pos.dim() == 1 else (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))
         x = self.drop(x)
-        attn_mask = self._attention_mask(T, start_pos, key_padding_mask, idx.device)
+        mask = attention_mask(pos, T, end if cache is not None else None, attn_mask)
+        cache_pos = pos.expand(B, T) if cache is not None else None  # the protocol always sees (B, T)
         for block in self.blocks:
-            x = block(x, rope_cs, kv_cache, start_pos, attn_mask)
+            x = block(x, rope_cs, cache, cache_pos, mask)
         return self.lm_head(self.norm(x))  # (B, T, vocab)
-
-    @staticmethod
-    def _attention_mask(T, start_pos, key_padding_mask, device):
-        """None when plain causal attention suffices; else a boolean (B|1, 1, T, S) mask, True = attend."""
-        S = start_pos + T
-        if key_padding_mask is None and (start_pos == 0 or T == 1):
-            return None
-        q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
-        mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S)
-        if key_padding_mask is not None:
-            if key_padding_mask.shape[-1] != S:
-                raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} positions, expected {S}")
-            mask = mask & key_padding_mask[:, None, None, :].bool()  # (B, 1, T, S)
-            # a padded query row with no visible key would give NaN; let it see itself (its output is ignored)
-            mask = mask | torch.eye(S, device=device, dtype=torch.bool)[start_pos:][None, None]
-        return mask
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         logits = self(idx)  # (B, T, V)
@@ -315,19 +345,23 @@ class GPT(nn.Module):
         cfg, T = self.config, seq_len or self.config.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Plain sampling without a cache (chapter 07 makes this fast); temperature 0 = greedy."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1,
-                                        generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, T0) prompt -> (B, T0 + max_new_tokens) ids; temperature 0 = greedy. ``ch01.generate`` is the full API
+        (ragged batches, stop ids, streaming, custom samplers)."""
+        from ch01.generate import generate
+
+        new = generate(
+            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        return torch.cat([idx, torch.tensor(new, dtype=torch.long, device=idx.device).view(len(new), -1)], dim=1)
 
     # --------------------------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> Path:
@@ -353,16 +387,3 @@ class GPT(nn.Module):
         model = cls(GPTConfig.from_dict(json.loads((directory / "config.json").read_text())))
         load_model(model, str(directory / "model.safetensors"), device=map_location)
         return model
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Keep the top-k logits and/or the smallest set whose probability mass reaches top_p; the rest -> -inf."""
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # drop tokens once the mass before them reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ch01.char_tokenizer import CharTokenizer
 from ch01.model import GPT
+from ch01.tokenizer import load_tokenizer
 from common.cli import base_parser
 from common.data import cache_dir
 from common.device import pick_device
@@ -22,16 +22,19 @@ from common.device import pick_device
 def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu"):
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").exists():
-        raise SystemExit(f"no trained model in {model_dir}: run `python 01_transformer_from_scratch/train.py` first "
-                         "or pass --model-dir")
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise SystemExit(f"{model_dir} has no tokenizer.json (sample.py reads char-level models written by train.py)")
-    return GPT.load(model_dir, map_location=str(device)).eval(), CharTokenizer.load(tok_path)
+        raise SystemExit(
+            f"no trained model in {model_dir}: run `python 01_transformer_from_scratch/train.py` first "
+            "or pass --model-dir"
+        )
+    try:
+        tok = load_tokenizer(model_dir)  # char or BPE: whichever train.py saved
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    return GPT.load(model_dir, map_location=str(device)).eval(), tok
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("--model-dir", default=str(cache_dir("runs", "ch01") / "model"))
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=300)
@@ -46,8 +49,9 @@ def main(argv=None) -> dict:
     model, tok = load_model_and_tokenizer(args.model_dir, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([tok.encode(args.prompt)] * args.num_samples, device=device)  # (N, T0)
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=gen)
+    out = model.generate(
+        prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen
+    )
     texts = [tok.decode(row.tolist()) for row in out]
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ch01.char_tokenizer import CharTokenizer
+from ch01.evaluate import evaluate_loss
 from ch01.functional import cosine_lr
 from ch01.model import GPT, GPTConfig
 from common.checkpoint import load_checkpoint, save_checkpoint
@@ -43,13 +44,35 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     eval_interval: int = 250
-    eval_iters: int = 50
+    eval_iters: int = 50  # batches per evaluation; 0 = never evaluate
+    eval_at_start: bool = False  # also evaluate before the first step
     ckpt_interval: int = 500
     log_interval: int = 50
     seed: int = 1337
+    batch_seed: int | None = None  # draw batches from their own generator (same batches whatever else uses the RNG)
     device: str = "auto"
-    out_dir: str = field(default_factory=lambda: str(cache_dir("runs", "ch01")))
+    out_dir: str | None = field(default_factory=lambda: str(cache_dir("runs", "ch01")))  # None: write nothing
     progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """What a callback sees after each optimizer step."""
+
+    it: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    history: dict
+    loss: torch.Tensor  # this step's loss (a 0-d tensor: reading it syncs the device)
+
+
+def default_loss(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy; plus the model's auxiliary loss (an MoE's load balancing) when it has ``aux_loss()``."""
+    ce = model.loss(x, y)
+    if not hasattr(model, "aux_loss"):
+        return {"loss": ce}
+    aux = model.aux_loss()
+    return {"loss": ce + aux, "ce": ce, "aux": aux}
 
 
 def prepare_data(tokenizer: str = "char", vocab_size: int = 512):
@@ -75,21 +98,7 @@ def prepare_data(tokenizer: str = "char", vocab_size: int = 512):
     return tok, train_ids, val_ids
 
 
-@torch.no_grad()
-def estimate_loss(model: GPT, data: torch.Tensor, batch_size: int, eval_iters: int, device, seed: int = 0) -> float:
-    """Mean loss over ``eval_iters`` random batches drawn with a fixed seed, so evaluations are comparable."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    losses = torch.zeros(eval_iters)
-    for i in range(eval_iters):
-        x, y = get_batch(data, batch_size, model.config.block_size, device, generator=gen)
-        losses[i] = model.loss(x, y)
-    model.train(was_training)
-    return losses.mean().item()
-
-
-def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms/embeddings' gains), as in nanoGPT."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -97,86 +106,145 @@ def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
-def train(model_cfg: GPTConfig, tc: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
-          resume: bool = False, tokenizer=None) -> dict:
-    """Train and return {'model', 'train_losses' (per step), 'val' [(iter, train, val)], 'tokens_per_s', ...}."""
-    device = pick_device(tc.device)
-    out = Path(tc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt.safetensors"
+class _Loop:
+    """The state of one training run; ``train`` drives it. Split out so each piece stays short."""
+
+    def __init__(self, model, tc: TrainConfig, train_ids, val_ids, loss_fn, callbacks, tokenizer):
+        self.model, self.tc, self.train_ids, self.val_ids = model, tc, train_ids, val_ids
+        self.loss_fn, self.callbacks, self.tokenizer = loss_fn, callbacks, tokenizer
+        self.device = next(model.parameters()).device
+        self.opt = make_optimizer(model, tc)
+        self.history: dict = {"train_losses": [], "val": []}
+        self.pending: dict[str, list[torch.Tensor]] = {}  # per-step losses not yet moved to the host
+        self.batch_gen = torch.Generator().manual_seed(tc.batch_seed) if tc.batch_seed is not None else None
+        amp = autocast_dtype(self.device)
+        self.ctx = torch.autocast(self.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        self.out = Path(tc.out_dir) if tc.out_dir else None
+        self.train_time = self.cpu_time = 0.0
+        self.done = 0  # optimizer steps completed (where a checkpoint taken now resumes)
+
+    def step(self, it: int) -> torch.Tensor:
+        tc, model = self.tc, self.model
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(it, tc.lr, tc.min_lr, tc.warmup_iters, tc.max_iters)
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(tc.grad_accum):
+            x, y = get_batch(self.train_ids, tc.batch_size, model.config.block_size, self.device, self.batch_gen)
+            with self.ctx:
+                parts = self.loss_fn(model, x, y)
+            (parts["loss"] / tc.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / tc.grad_accum
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        logged = {"train_losses": sums.get("ce", sums["loss"])}  # cross-entropy: comparable across models
+        logged |= {f"{k}_losses": v for k, v in sums.items() if k not in ("loss", "ce")}
+        for k, v in logged.items():
+            self.pending.setdefault(k, []).append(v)
+        return sums["loss"]
+
+    def flush(self) -> None:
+        """Move pending per-step losses to the host history (the only host sync of the loop)."""
+        for k, vals in self.pending.items():
+            self.history.setdefault(k, []).extend(torch.stack(vals).tolist())
+        self.pending.clear()
+
+    def evaluate(self, it: int) -> None:
+        if self.tc.eval_iters <= 0:
+            return
+        kw = dict(batch_size=self.tc.batch_size, max_batches=self.tc.eval_iters)
+        tr = evaluate_loss(self.model, self.train_ids, seed=1, **kw)
+        va = evaluate_loss(self.model, self.val_ids, seed=2, **kw)
+        if self.tc.progress:
+            tqdm.write(f"iter {it}: train loss {tr:.4f}, val loss {va:.4f}")
+        self.history["val"].append([it, tr, va])
+
+    def save(self, step: int) -> None:
+        if self.out is None:
+            return
+        self.flush()
+        extra = {"history": self.history, "train_config": asdict(self.tc), "model_config": self.model.config.to_dict()}
+        save_checkpoint(self.out / "ckpt.safetensors", self.model, self.opt, step=step, extra=extra)
+
+
+def train(
+    model: torch.nn.Module | GPTConfig,
+    tc: TrainConfig,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    *,
+    resume: bool = False,
+    tokenizer=None,
+    loss_fn=default_loss,
+    callbacks=(),
+) -> dict:
+    """Train ``model`` (or a new ``GPT`` of a ``GPTConfig``, built after seeding) in place.
+
+    ``loss_fn(model, x, y) -> {"loss": ..., optional "ce", other parts}``: what to minimise; parts other than loss/ce
+    are logged per step as ``<name>_losses``. ``callbacks``: functions of a ``TrainState``, called after every step.
+    With ``tc.out_dir`` the run checkpoints (bit-exact resume, also on Ctrl-C) and saves ``out_dir/model`` (+ the
+    tokenizer). Returns {'model', 'train_losses' (per step), 'val' [[iter, train, val]], 'tokens_per_s' (training
+    steps only, wall), 'tokens_per_cpu_s', 'train_time_s', 'out_dir', ...}."""
     seed_everything(tc.seed)
-    model = GPT(model_cfg).to(device)
-    opt = make_optimizer(model, tc)
-    start, history = 0, {"train_losses": [], "val": []}
+    if isinstance(model, GPTConfig):
+        model = GPT(model)
+    model.to(pick_device(tc.device)).train()
+    loop = _Loop(model, tc, train_ids, val_ids, loss_fn, callbacks, tokenizer)
+    start = 0
     if resume:
-        meta = load_checkpoint(ckpt_path, model, opt)  # restores RNG states too: batches continue exactly
-        start, history = meta["step"], meta["extra"]["history"]
-        print(f"resumed from {ckpt_path} at iteration {start}")
-    amp = autocast_dtype(device)
-    ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-    tokens_per_iter = tc.batch_size * tc.grad_accum * model_cfg.block_size
-    step_losses: list[torch.Tensor] = []
-    t0, timed_iters = time.perf_counter(), 0
+        meta = load_checkpoint(loop.out / "ckpt.safetensors", model, loop.opt)  # RNG states too: same batches
+        start, loop.history = meta["step"], meta["extra"]["history"]
+        print(f"resumed from {loop.out / 'ckpt.safetensors'} at iteration {start}")
+    _run(loop, start)
+    loop.evaluate(tc.max_iters)
+    if loop.out is not None:
+        loop.save(tc.max_iters)
+        model.save(loop.out / "model")
+        if tokenizer is not None:
+            tokenizer.save(loop.out / "model")
+    model.eval()
+    tokens = (tc.max_iters - start) * tc.batch_size * tc.grad_accum * model.config.block_size
+    return {
+        "model": model,
+        **loop.history,
+        "train_time_s": loop.train_time,
+        "tokens_per_s": tokens / max(loop.train_time, 1e-9),
+        "tokens_per_cpu_s": tokens / max(loop.cpu_time, 1e-9),
+        "out_dir": str(loop.out) if loop.out else None,
+    }
+
+
+def _run(loop: _Loop, start: int) -> None:
+    tc = loop.tc
     bar = tqdm(range(start, tc.max_iters), initial=start, total=tc.max_iters, disable=not tc.progress, desc="train")
+    loop.done = start
     try:
         for it in bar:
-            if it % tc.eval_interval == 0 and it > 0:
-                history["val"].append(_evaluate(model, tc, train_ids, val_ids, device, it))
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(it, tc.lr, tc.min_lr, tc.warmup_iters, tc.max_iters)
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
-                x, y = get_batch(train_ids, tc.batch_size, model_cfg.block_size, device)
-                with ctx:
-                    loss = model.loss(x, y) / tc.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step_losses.append(loss_sum)
-            timed_iters += 1
-            if (it + 1) % tc.log_interval == 0:  # the only host sync in the loop
-                history["train_losses"] += torch.stack(step_losses).tolist()
-                step_losses.clear()
-                bar.set_postfix(loss=f"{history['train_losses'][-1]:.3f}")
+            if it % tc.eval_interval == 0 and (it > 0 or tc.eval_at_start):
+                loop.evaluate(it)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = loop.step(it)
+            loop.done = it + 1
+            loop.train_time += time.perf_counter() - t0
+            loop.cpu_time += time.process_time() - c0  # less disturbed than wall time on a shared machine
+            for cb in loop.callbacks:
+                cb(TrainState(it, loop.model, loop.opt, loop.history, loss))
+            if (it + 1) % tc.log_interval == 0:
+                loop.flush()
+                bar.set_postfix(loss=f"{loop.history['train_losses'][-1]:.3f}")
             if (it + 1) % tc.ckpt_interval == 0 and it + 1 < tc.max_iters:
-                history["train_losses"] += torch.stack(step_losses).tolist() if step_losses else []
-                step_losses.clear()
-                _save(ckpt_path, model, opt, it + 1, history, tc, tokenizer)
+                loop.save(it + 1)
     except KeyboardInterrupt:
-        it_done = start + timed_iters
-        history["train_losses"] += torch.stack(step_losses).tolist() if step_losses else []
-        _save(ckpt_path, model, opt, it_done, history, tc, tokenizer)
-        print(f"\ninterrupted: checkpoint at iteration {it_done} in {ckpt_path}; continue with --resume")
+        loop.save(loop.done)
+        print(f"\ninterrupted: checkpoint at iteration {loop.done} in {loop.out}; continue with --resume")
         raise
-    elapsed = time.perf_counter() - t0
-    if step_losses:
-        history["train_losses"] += torch.stack(step_losses).tolist()
-    history["val"].append(_evaluate(model, tc, train_ids, val_ids, device, tc.max_iters))
-    _save(ckpt_path, model, opt, tc.max_iters, history, tc, tokenizer)
-    model.save(out / "model")
-    if tokenizer is not None and hasattr(tokenizer, "save") and isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(out / "model" / "tokenizer.json")
-    return {"model": model, **history, "train_time_s": elapsed,
-            "tokens_per_s": timed_iters * tokens_per_iter / max(elapsed, 1e-9), "out_dir": str(out)}
-
-
-def _evaluate(model, tc, train_ids, val_ids, device, it):
-    tr = estimate_loss(model, train_ids, tc.batch_size, tc.eval_iters, device, seed=1)
-    va = estimate_loss(model, val_ids, tc.batch_size, tc.eval_iters, device, seed=2)
-    tqdm.write(f"iter {it}: train loss {tr:.4f}, val loss {va:.4f}")
-    return [it, tr, va]
-
-
-def _save(path, model, opt, step, history, tc, tokenizer):
-    extra = {"history": history, "train_config": asdict(tc), "model_config": model.config.to_dict()}
-    save_checkpoint(path, model, opt, step=step, extra=extra)
+    loop.flush()
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, out=True)
     p.add_argument("--preset", default="small", help="model preset (tiny, small, medium, gpt2-small)")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2"], help="gpt2: learned pos + LayerNorm + GELU")
     p.add_argument("--attn", default="sdpa", help="attention implementation (naive, sdpa, ...)")
@@ -193,31 +261,50 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     tok, train_ids, val_ids = prepare_data(args.tokenizer, args.vocab_size)
     arch = dict(pos_emb="learned", norm="layernorm", mlp="gelu") if args.arch == "gpt2" else {}
-    mcfg = GPTConfig.preset(args.preset, vocab_size=tok.vocab_size if hasattr(tok, "vocab_size") else len(tok.vocab),
-                            attn_impl=args.attn, **arch)
-    tc = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                     eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, seed=args.seed,
-                     device=args.device, progress=not args.no_progress, warmup_iters=min(100, args.max_iters // 10),
-                     **({"out_dir": args.out} if args.out else {}))
+    mcfg = GPTConfig.preset(args.preset, vocab_size=tok.vocab_size, attn_impl=args.attn, **arch)
+    tc = TrainConfig(
+        max_iters=args.max_iters,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        eval_interval=args.eval_interval,
+        ckpt_interval=args.ckpt_interval,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        warmup_iters=min(100, args.max_iters // 10),
+        **({"out_dir": args.out} if args.out else {}),
+    )
     res = train(mcfg, tc, train_ids, val_ids, resume=args.resume, tokenizer=tok)
     model = res["model"]
     from common.plot import assets_dir, line_plot  # matplotlib only where a plot is drawn (spawned ranks import us)
 
     curve = assets_dir(__file__) / "train_loss.png"
     its = [v[0] for v in res["val"]]
-    line_plot({"train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
-               "val": (its, [v[2] for v in res["val"]])}, curve, title=f"mini-GPT ({args.preset}) on tiny-shakespeare",
-              xlabel="iteration", ylabel="cross-entropy loss", marker="")
+    line_plot(
+        {
+            "train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
+            "val": (its, [v[2] for v in res["val"]]),
+        },
+        curve,
+        title=f"mini-GPT ({args.preset}) on tiny-shakespeare",
+        xlabel="iteration",
+        ylabel="cross-entropy loss",
+        marker="",
+    )
     device = next(model.parameters()).device
     prompt = torch.tensor([tok.encode("\n")], device=device)
     sample = tok.decode(model.generate(prompt, 300, temperature=0.8, top_k=50)[0].tolist())
     final_val = res["val"][-1][2]
-    print(f"\n| preset | params | iters | val loss | train time (s) | tokens/s |\n|---|---|---|---|---|---|\n"
-          f"| {args.preset} | {model.num_params():,} | {args.max_iters} | {final_val:.4f} | {res['train_time_s']:.1f} "
-          f"| {res['tokens_per_s']:,.0f} |")
+    print(
+        f"\n| preset | params | iters | val loss | train time (s) | tokens/s |\n|---|---|---|---|---|---|\n"
+        f"| {args.preset} | {model.num_params():,} | {args.max_iters} | {final_val:.4f} | {res['train_time_s']:.1f} "
+        f"| {res['tokens_per_s']:,.0f} |"
+    )
     print(f"\nloss curve: {curve}\nsample:\n{sample}")
-    (Path(res["out_dir"]) / "metrics.json").write_text(json.dumps({"val_loss": final_val, "val": res["val"],
-                                                                   "tokens_per_s": res["tokens_per_s"]}))
+    (Path(res["out_dir"]) / "metrics.json").write_text(
+        json.dumps({"val_loss": final_val, "val": res["val"], "tokens_per_s": res["tokens_per_s"]})
+    )
     return {**res, "val_loss": final_val, "sample": sample}
 
 

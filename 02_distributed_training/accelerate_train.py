@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from ch01.functional import cosine_lr
 from ch01.train import TrainConfig, make_optimizer
 from ch02.ddp_from_scratch import lm_loss
-from ch02.launch import add_launch_args, backend_for, launch, under_torchrun
+from ch02.launch import add_launch_args, backend_for, is_main_process, launch
 from ch02.reference import TokenWindows, epoch_order, make_model, max_abs_diff, tiny_config, train_tokens
 from common.bench import markdown_table
 from common.cli import base_parser
@@ -106,7 +106,7 @@ def worker(rank, world, steps, batch_size, lr, seed, data_seed) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     add_launch_args(p)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8, help="global batch, split across the processes")
@@ -115,9 +115,12 @@ def main(argv=None) -> dict:
     if args.batch_size % args.nproc:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --nproc {args.nproc}")
     results = launch(
-        worker, args.nproc, (args.steps, args.batch_size, args.lr, args.seed, 1234), backend=backend_for(args)
+        worker,
+        args.nproc,
+        (args.steps, args.batch_size, args.lr, args.seed, 1234),
+        backend=backend_for(args.backend, args.device),
     )
-    if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}
     ref = train_plain(args.steps, args.batch_size, args.lr, args.seed, 1234)
     r0 = results[0]
@@ -126,7 +129,7 @@ def main(argv=None) -> dict:
         {"step": i, "accelerate loss": a, "one process loss": b, "|Δ|": abs(a - b)}
         for i, (a, b) in enumerate(zip(r0["losses"], ref["losses"]))
     ]
-    print(markdown_table([{**r, "|Δ|": f"{r['|Δ|']:.1e}"} for r in rows], floatfmt=".6f"))
+    print(markdown_table(rows, floatfmt=".6f", formats={"|Δ|": ".1e"}))
     diff = max_abs_diff(r0["params"], ref["params"])
     print(f"max |Δ weight| after {args.steps} steps: {diff:.2e}")
     return {"results": results, "reference": ref, "rows": rows, "weight_diff": diff}

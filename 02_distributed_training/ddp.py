@@ -19,11 +19,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ch02.ddp_from_scratch import ScratchDDP, compare, scratch_batches, train_data_parallel
-from ch02.launch import add_launch_args, backend_for, launch, rank_device, under_torchrun
+from ch02.ddp_from_scratch import (
+    ScratchDDP,
+    compare,
+    data_parallel_parser,
+    parse_data_parallel_args,
+    scratch_batches,
+    train_data_parallel,
+)
+from ch02.launch import backend_for, is_main_process, launch, rank_device
 from ch02.reference import TokenWindows, make_model, tiny_config, train_single, train_tokens
 from common.bench import markdown_table
-from common.cli import base_parser
 
 
 def sampler_batches(rank, world, steps, batch_size, block_size, data_seed, device):
@@ -64,26 +70,16 @@ def worker(rank, world, steps, batch_size, accum, lr, seed, data_seed, bucket_ca
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
-    add_launch_args(p)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks together)")
-    p.add_argument("--accum", type=int, default=2, help="micro-batches per rank per step (no_sync for all but last)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--bucket-cap-mb", type=float, default=0.05)
+    p = data_parallel_parser(__doc__)
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch DDP run")
-    args = p.parse_args(argv)
-    if args.batch_size % (args.nproc * args.accum):
-        raise SystemExit(
-            f"--batch-size {args.batch_size} must divide into {args.nproc} ranks × {args.accum} micro-batches"
-        )
+    args = parse_data_parallel_args(p, argv)
     results = launch(
         worker,
         args.nproc,
         (args.steps, args.batch_size, args.accum, args.lr, args.seed, 1234, args.bucket_cap_mb, not args.no_scratch),
-        backend=backend_for(args),
+        backend=backend_for(args.backend, args.device),
     )
-    if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}
     ref = train_single(tiny_config(), args.steps, args.batch_size, args.lr, seed=args.seed)
     rows = [compare(f"torch DDP rank {r}", res["torch"], ref) for r, res in enumerate(results)]

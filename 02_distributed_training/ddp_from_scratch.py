@@ -182,24 +182,33 @@ def compare(name: str, res: dict, ref: dict) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+def data_parallel_parser(doc: str):
+    """The flags of the data-parallel scripts (this one and ddp.py): launch, steps, global batch, accumulation, lr,
+    bucket size. Parse with ``parse_data_parallel_args`` (it checks that the batch splits evenly)."""
+    p = base_parser(doc, device=True, seed=True)
     add_launch_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks together)")
     p.add_argument("--accum", type=int, default=2, help="micro-batches per rank per step (no_sync for all but last)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bucket-cap-mb", type=float, default=0.05, help="tiny on purpose: the tiny model gets 4 buckets")
+    return p
+
+
+def parse_data_parallel_args(p, argv=None):
     args = p.parse_args(argv)
     if args.batch_size % (args.nproc * args.accum):
-        raise SystemExit(
-            f"--batch-size {args.batch_size} must divide into {args.nproc} ranks × {args.accum} micro-batches"
-        )
+        p.error(f"--batch-size {args.batch_size} must divide into {args.nproc} ranks × {args.accum} micro-batches")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_data_parallel_args(data_parallel_parser(__doc__), argv)
     results = launch(
         worker,
         args.nproc,
         (args.steps, args.batch_size, args.accum, args.lr, args.seed, 1234, args.bucket_cap_mb),
-        backend=backend_for(args),
+        backend=backend_for(args.backend, args.device),
     )
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}

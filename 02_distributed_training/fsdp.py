@@ -150,7 +150,7 @@ def _preset(name):
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, out=True)
     add_launch_args(p)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
     p.add_argument("--steps", type=int, default=6, help="half before the checkpoint, half after")
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
             args.cpu_offload,
             args.preset,
         ),
-        backend=backend_for(args),
+        backend=backend_for(args.backend, args.device),
     )
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}

@@ -201,11 +201,11 @@ def add_launch_args(parser) -> None:
     parser.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with GPUs, else gloo")
 
 
-def backend_for(args) -> str:
+def backend_for(backend: str | None, device: str = "auto") -> str:
     """--backend if given, else from --device: nccl for cuda/auto-with-GPUs, gloo for cpu."""
-    if args.backend == "nccl" and not torch.cuda.is_available():
+    if backend == "nccl" and not torch.cuda.is_available():
         raise SystemExit("--backend nccl needs CUDA GPUs; this machine has none (use gloo)")
-    return args.backend or pick_backend(args.device)
+    return backend or pick_backend(device)
 
 
 def is_main_process() -> bool:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ch01.functional import rope_cache
-from ch01.model import GPT
+from ch01.model import GPT, attention_mask
 from ch02.ddp_from_scratch import lm_loss
 from ch02.launch import add_launch_args, backend_for, is_main_process, launch, rank_device
 from ch02.reference import TokenWindows, global_batch, make_model, max_abs_diff, tiny_config, train_tokens
@@ -68,9 +68,11 @@ class GPTStage(nn.Module):
         if self.cost_s[0] or self.cost_s[1]:
             x = FixedCost.apply(x, *self.cost_s)
         T = x.shape[1]
-        rope_cs = rope_cache(self.cfg.head_dim, torch.arange(T, device=x.device), self.cfg.rope_theta)  # 2 × (T, D)
+        pos = torch.arange(T, device=x.device)
+        rope_cs = rope_cache(self.cfg.head_dim, pos, self.cfg.rope_theta)  # 2 × (T, D), as GPT.forward builds them
+        mask = attention_mask(pos, T, None, None)  # plain causal: no cache, no extra mask
         for block in self.blocks:
-            x = block(x, rope_cs)  # (b, T, C)
+            x = block(x, rope_cs, None, None, mask)  # (b, T, C)
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))  # (b, T, V)
         return x
@@ -178,7 +180,7 @@ def bubble_worker(rank, world, preset, micro_bs, micros, reps, seed, cost_ms) ->
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     add_launch_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="global batch for the gradient check")
     p.add_argument("--n-micro", type=int, default=4, help="micro-batches for the gradient check")
@@ -198,7 +200,10 @@ def main(argv=None) -> dict:
     if args.batch_size % args.n_micro:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --n-micro {args.n_micro}")
     results = launch(
-        grads_worker, args.nproc, (args.batch_size, args.n_micro, args.seed, 1234), backend=backend_for(args)
+        grads_worker,
+        args.nproc,
+        (args.batch_size, args.n_micro, args.seed, 1234),
+        backend=backend_for(args.backend, args.device),
     )
     per_rank = None
     if not args.no_bubble:  # every rank must take part (under torchrun all of them run main())
@@ -206,7 +211,7 @@ def main(argv=None) -> dict:
             bubble_worker,
             args.nproc,
             (args.preset, args.micro_batch_size, args.micro, args.reps, args.seed, args.stage_cost_ms),
-            backend=backend_for(args),
+            backend=backend_for(args.backend, args.device),
         )[0]["ranks"]
     if not is_main_process():  # rank 0 reports
         return {"results": results}

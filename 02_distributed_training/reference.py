@@ -115,7 +115,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)

@@ -146,11 +146,13 @@ def worker(rank, world, batch_size, seed, data_seed) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     add_launch_args(p)
     p.add_argument("--batch-size", type=int, default=4)
     args = p.parse_args(argv)
-    results = launch(worker, args.nproc, (args.batch_size, args.seed, 1234), backend=backend_for(args))
+    results = launch(
+        worker, args.nproc, (args.batch_size, args.seed, 1234), backend=backend_for(args.backend, args.device)
+    )
     if not is_main_process():  # under torchrun every rank runs main(); rank 0 reports
         return {"results": results}
     ref_model = make_model(tiny_config(), args.seed)

@@ -39,7 +39,7 @@ def plot_frontier(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0], device=True, seed=True)))
     p.add_argument("--pairs", type=int, default=2000, help="labelled pairs for DPO (a random subset of the RM's)")
     p.add_argument("--ppo-iters", type=int, default=PPOConfig.iters)
     p.add_argument("--best-of", default="4,16", help="comma-separated n for best-of-n")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ch01.model import GPT
 from ch03.evaluate import evaluate_policy
 from ch03.reward_model import add_rm_args, get_reward_model, rm_kwargs, subset_pairs
-from ch03.rollout import add_policy_args, set_threads
+from ch03.rollout import add_policy_args, clipped_step, set_threads
 from common.cli import base_parser
 from common.seed import seed_everything
 
@@ -90,10 +90,7 @@ def train_dpo(
             j = order[i : i + batch_size]
             input_ids = torch.cat([pairs["chosen"][j], pairs["rejected"][j]])  # (2B, T)
             loss, stats = dpo_batch_loss(model, ref, input_ids, completion_mask, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            clipped_step(opt, loss, model)
             history.append({"loss": loss.item(), **stats})
         recent = history[-10:]
         log(
@@ -104,7 +101,7 @@ def train_dpo(
 
 
 def main(argv=None):
-    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0], device=True, seed=True)))
     p.add_argument("--pairs", type=int, default=2000, help="labelled pairs to train on (a random subset of the RM's)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β (strength of the implicit KL constraint)")
     p.add_argument("--epochs", type=int, default=2)

@@ -25,6 +25,7 @@ from ch01.model import GPT
 from ch03.reward_model import RewardModel, add_rm_args, get_reward_model, rm_kwargs
 from ch03.rollout import (
     add_policy_args,
+    clipped_step,
     decode_responses,
     entropy_from_logits,
     forward_with_hidden,
@@ -200,10 +201,7 @@ def train_ppo(
                 )
                 ent = entropy_from_logits(logits, P).mean()
                 loss = out["pg_loss"] + cfg.vf_coef * out["vf_loss"] - cfg.ent_coef * ent
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                clipped_step(opt, loss, model)
                 stats.append({k: v.item() for k, v in out.items()})
         kl_ctl.update(row["kl"], cfg.batch_size)
         row |= {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
@@ -251,7 +249,7 @@ def plot_runs(runs: dict[str, list[dict]], path, target_kl: float | None = None)
 
 
 def main(argv=None):
-    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0], device=True, seed=True)))
     defaults = PPOConfig()
     p.add_argument("--ppo-iters", type=int, default=defaults.iters)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)

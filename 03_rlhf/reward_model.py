@@ -18,7 +18,6 @@ alike). The reward is the mean of per-position head scores over the response. We
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 
@@ -29,8 +28,8 @@ import torch.nn.functional as F
 from ch01.model import GPT
 from ch03.rollout import (
     add_policy_args,
+    clipped_step,
     decode_responses,
-    fingerprint,
     forward_with_hidden,
     generate,
     load_policy,
@@ -39,7 +38,7 @@ from ch03.rollout import (
 )
 from ch03.true_reward import true_reward
 from common.cli import base_parser
-from common.data import cache_dir
+from common.data import fingerprint, keyed_cache_dir
 from common.seed import seed_everything
 
 
@@ -160,10 +159,7 @@ def train_reward_model(
             j = order[i : i + batch_prompts]
             scores = rm(seqs[j].flatten(0, 1)).view(len(j), k)  # (b, K): one pass for every response of the groups
             loss = group_bt_loss(scores, true[j], min_gap)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
+            clipped_step(opt, loss, rm)
             sched.step()
             losses.append(loss.item())
         log(f"  reward model epoch {epoch + 1}/{epochs}: BT loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
@@ -238,8 +234,7 @@ def get_reward_model(
     )
     policy, tok, train_ids = load_policy(preset, iters)
     settings["policy_sha"] = fingerprint(policy)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    d = cache_dir("ch03", f"rm-{preset}-{key}")
+    d = keyed_cache_dir("ch03", f"rm-{preset}", key=settings)
     if use_cache and (d / "done.json").exists():
         rm = RewardModel(copy.deepcopy(policy), prompt_len)
         rm.load_state_dict(load_file(str(d / "rm.safetensors")))
@@ -317,7 +312,7 @@ def rm_kwargs(args) -> dict:
 
 
 def main(argv=None):
-    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0], device=True, seed=True)))
     p.add_argument("--no-cache", action="store_true", help="retrain even if .cache/ch03 holds this reward model")
     args = p.parse_args(argv)
     set_threads(args.threads, args.device)

@@ -12,12 +12,11 @@ need no padding and "the last token" is simply position -1.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 
-from ch01.model import GPT, DynamicKVCache
+from ch01.generate import generate as generate_ids
+from ch01.model import GPT
 from ch01.pretrained import pretrained_char_model
 
 
@@ -42,13 +41,13 @@ def set_threads(n: int, device: str = "cpu") -> None:
         torch.set_num_threads(n)
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """Short hash of the weights, so caches built on one policy are never reused with another."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:10]
+def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module, max_norm: float = 1.0):
+    """One update of every chapter-03 learner (reward model, PPO, DPO): backward, clip the global gradient norm to
+    ``max_norm`` (as ch01's training loop does), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    opt.step()
 
 
 def load_policy(preset: str = "small", max_iters: int = 2000, device: str = "cpu"):
@@ -84,27 +83,20 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, P) prompts -> (B, P + response_len) sequences by plain temperature sampling (no top-k: the policy-gradient
-    maths needs samples from the very distribution whose log-probs we train). Uses ch01's ``DynamicKVCache`` so each
-    step feeds one token instead of the whole prefix (rollouts are most of RLHF's compute)."""
+    maths needs samples from the very distribution whose log-probs we train). ch01's cached ``generate`` feeds one
+    token per step instead of the whole prefix (rollouts are most of RLHF's compute); the log-probs PPO needs come
+    afterwards from one forward over the finished sequences (``response_logprobs``), with gradients where needed."""
     if prompts.shape[1] + response_len > model.config.block_size:
         raise ValueError(
             f"prompt {prompts.shape[1]} + response {response_len} exceeds block_size {model.config.block_size}"
         )
     was_training = model.training
     model.eval()
-    cache = DynamicKVCache(model.config.n_layer)
-    seqs, pos, step_in = prompts, 0, prompts
-    for _ in range(response_len):
-        logits = model(step_in, kv_cache=cache, start_pos=pos)[:, -1].float()  # (B, V)
-        pos += step_in.shape[1]
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
-        else:
-            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
-        seqs = torch.cat([seqs, nxt], dim=1)
-        step_in = nxt
+    new = generate_ids(model, prompts, response_len, temperature=temperature, generator=generator)  # B lists of R
     model.train(was_training)
-    return seqs
+    return torch.cat(
+        [prompts, torch.tensor(new, dtype=torch.long, device=prompts.device).view(len(new), response_len)], 1
+    )
 
 
 def forward_with_hidden(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,10 +29,10 @@ from ch01.hf_interop import from_hf, save_hf
 from ch03.evaluate import evaluate_policy
 from ch03.hf_tokenizer import EOS_CHAR, hf_char_tokenizer
 from ch03.reward_model import add_rm_args, get_reward_model, rm_kwargs, subset_pairs
-from ch03.rollout import add_policy_args, fingerprint, sample_prompts, set_threads
+from ch03.rollout import add_policy_args, sample_prompts, set_threads
 from ch03.true_reward import true_reward
 from common.cli import base_parser
-from common.data import cache_dir
+from common.data import cache_dir, keyed_cache_dir
 
 METHODS = ("reward", "grpo", "rloo", "dpo")
 COMMON = dict(
@@ -50,7 +50,7 @@ COMMON = dict(
 def export_policy(policy, tok) -> Path:
     """Save the policy as a HF model directory + tokenizer (cached by weight hash): trainers that build the reference
     model from a path need it on disk."""
-    d = cache_dir("ch03", f"hf-policy-{fingerprint(policy)}")
+    d = keyed_cache_dir("ch03", "hf-policy", key=policy)
     if not (d / "config.json").exists():
         save_hf(policy, d)
         hf_char_tokenizer(tok).save_pretrained(d)
@@ -253,7 +253,7 @@ def run_trl(
 
 
 def main(argv=None):
-    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0])))
+    p = add_rm_args(add_policy_args(base_parser(__doc__.split("\n")[0], device=True, seed=True)))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps for GRPO/RLOO (RewardTrainer: 3×)")
     p.add_argument("--reward", default="rm", choices=["rm", "true"], help="GRPO/RLOO reward: our RM or the true one")

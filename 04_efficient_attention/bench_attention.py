@@ -102,7 +102,7 @@ def gpu_flash_benchmark(
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, dtype=True)
     p.add_argument("--max-n", type=int, default=8192, help="largest sequence length (powers of two from 512)")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
@@ -140,25 +140,20 @@ def main(argv=None) -> dict:
         f"(goal at 8192: <= 1/8): {'met' if last['mem_ratio_naive/tiled'] >= 8 else 'NOT met'}"
     )
     if not args.no_plot:
-        out = assets_dir(__file__)
         xs = [r["N"] for r in rows]
-        line_plot(
-            {n: (xs, [r[f"{n}_MiB"] for r in rows]) for n in ("naive", "tiled", "sdpa")},
-            out / "attention_peak_memory_cpu.png",
-            title="Attention forward: extra peak memory (CPU)",
-            xlabel="sequence length N",
-            ylabel="MiB",
-            logx=True,
-        )
-        line_plot(
-            {n: (xs, [r[f"{n}_ms"] for r in rows]) for n in ("naive", "tiled", "sdpa")},
-            out / "attention_time_cpu.png",
-            title="Attention forward: time (CPU)",
-            xlabel="sequence length N",
-            ylabel="ms",
-            logx=True,
-            logy=True,
-        )
+        for unit, what, file, logy in (
+            ("MiB", "extra peak memory", "attention_peak_memory_cpu.png", False),
+            ("ms", "time", "attention_time_cpu.png", True),
+        ):
+            line_plot(
+                {n: (xs, [r[f"{n}_{unit}"] for r in rows]) for n in ("naive", "tiled", "sdpa")},
+                assets_dir(__file__) / file,
+                title=f"Attention forward: {what} (CPU)",
+                xlabel="sequence length N",
+                ylabel=unit,
+                logx=True,
+                logy=logy,
+            )
     return {"rows": rows, "hardware": hardware_info(device)}
 
 

@@ -108,7 +108,7 @@ def flash_attention_forward(ext, q, k, v, causal: bool = False):
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--seq-len", type=int, default=1024)
     args = p.parse_args(argv)
     try:

@@ -146,7 +146,7 @@ def flash_pytorch_attention(q, k, v, *, causal: bool, attn_mask=None, dropout_p:
 def main(argv=None) -> dict:
     from common.bench import release_free_memory
 
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, dtype=True)
     p.add_argument("--seq-len", type=int, default=1024, help="N for the time/memory comparison")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block", type=int, default=128, help="tile size for queries and keys")

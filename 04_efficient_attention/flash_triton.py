@@ -166,7 +166,7 @@ def check_against_sdpa(
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, dtype=True)
     p.add_argument("--no-bench", action="store_true", help="on a GPU, skip the TFLOP/s benchmark")
     args = p.parse_args(argv)
     device = pick_device(args.device)

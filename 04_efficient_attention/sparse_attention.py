@@ -122,6 +122,11 @@ def block_sparse_attention(q, k, v, pattern: SparsePattern) -> torch.Tensor:
     return out
 
 
+def register_lazy(name: str) -> None:
+    """ch01's lazy registry asks for ``window<N>`` by name (a config saved with it, loaded in a fresh process)."""
+    register_window_attention(int(name.removeprefix("window")))
+
+
 def register_window_attention(window: int, block: int = 16) -> str:
     """Register a causal sliding-window attention for the ch01 model as ``window{window}``; returns the name."""
     name = f"window{window}"
@@ -167,8 +172,8 @@ def density_sweep(n: int, block: int, windows, device, d: int = 64, heads: int =
 
 def window_training(windows, iters: int, preset: str = "tiny", device: str = "cpu", seed: int = 1337) -> list[dict]:
     """Train the ch01 model from scratch once per window size (same seed/data); report the deterministic val loss."""
+    from ch01.evaluate import evaluate_loss
     from ch01.model import GPTConfig
-    from ch01.pretrained import val_loss
     from ch01.train import TrainConfig, prepare_data, train
     from common.data import cache_dir
 
@@ -193,7 +198,7 @@ def window_training(windows, iters: int, preset: str = "tiny", device: str = "cp
         rows.append(
             {
                 "window": w,
-                "val_loss": val_loss(res["model"], val_ids, max_batches=10),
+                "val_loss": evaluate_loss(res["model"], val_ids, max_batches=10),
                 "tokens/s": round(res["tokens_per_s"]),
             }
         )
@@ -202,7 +207,7 @@ def window_training(windows, iters: int, preset: str = "tiny", device: str = "cp
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--train-iters", type=int, default=150, help="iterations per window size (0 = skip training)")

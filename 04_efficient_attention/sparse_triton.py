@@ -15,7 +15,14 @@ import triton
 import triton.language as tl
 
 from ch04.sparse_attention import SparsePattern, bigbird_pattern, dense_masked_attention, sliding_window_pattern
-from ch04.triton_kernels import INTERPRET, LOG2E, tile_dot  # sets TRITON_INTERPRET=1 first when there is no GPU
+from ch04.triton_kernels import (  # importing it sets TRITON_INTERPRET=1 first when there is no GPU
+    INTERPRET,
+    LOG2E,
+    load_rows,
+    online_softmax_update,
+    store_rows,
+    tile_dot,
+)
 from common.bench import markdown_table
 from common.cli import base_parser
 from common.device import pick_device
@@ -40,27 +47,23 @@ def block_sparse_fwd_kernel(
     HAS_WINDOW: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    # The forward kernel above, but it visits only key blocks whose LAYOUT[query block, key block] is nonzero.
-    #
-    # A skipped block costs one scalar load: no K/V traffic and no math. Inside visited blocks the causal and
-    # sliding-window rules mask single tokens, so a row can see no key in a block: the running max is guarded for that.
+    # FlashAttention's forward loop (triton_kernels.py), but it visits only key blocks whose LAYOUT[query block, key
+    # block] is nonzero. A skipped block costs one scalar load: no K/V traffic and no math. Inside visited blocks the
+    # causal and sliding-window rules mask single tokens, so a row can see no key in a block (online_softmax_update
+    # keeps such a row empty).
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     base = bh * N * HEAD_DIM
-    q_mask = (offs_m[:, None] < N) & d_ok[None, :]
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)  # (M, D)
+    q = load_rows(Q + base, offs_m, N, offs_d, HEAD_DIM)  # (M, D)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for kb in range(0, N_BLOCKS):
         if tl.load(LAYOUT + pid_m * N_BLOCKS + kb) != 0:
-            offs_k = kb * BLOCK + offs_n
-            kv_mask = (offs_k[:, None] < N) & d_ok[None, :]
-            k = tl.load(K + base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-            v = tl.load(V + base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+            offs_k = kb * BLOCK + tl.arange(0, BLOCK)
+            k = load_rows(K + base, offs_k, N, offs_d, HEAD_DIM)  # (N, D)
+            v = load_rows(V + base, offs_k, N, offs_d, HEAD_DIM)  # (N, D)
             s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
             keep = (offs_k[None, :] < N) & (offs_m[:, None] >= 0)
             if CAUSAL:
@@ -69,15 +72,9 @@ def block_sparse_fwd_kernel(
                 dist = offs_m[:, None] - offs_k[None, :]
                 keep = keep & (dist < WINDOW) & (dist > -WINDOW)
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, FP32_DOT)
-            m_i = m_new
+            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, FP32_DOT)  # guarded: a row may see no key
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(Out + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
+    store_rows(Out + base, offs_m, N, offs_d, HEAD_DIM, acc)
 
 
 def block_sparse_attention_triton(q, k, v, pattern: SparsePattern) -> torch.Tensor:
@@ -119,7 +116,7 @@ def block_sparse_attention_triton(q, k, v, pattern: SparsePattern) -> torch.Tens
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("--seq-len", type=int, default=100)
     args = p.parse_args(argv)
     device = pick_device(args.device)

@@ -63,6 +63,34 @@ def tile_dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def load_rows(PTR, rows, n_rows, offs_d, HEAD_DIM):
+    """Tile (rows, BLOCK_D) of the contiguous (n_rows, HEAD_DIM) matrix at PTR; zeros past either edge."""
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(PTR + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(PTR, rows, n_rows, offs_d, HEAD_DIM, x):
+    """Write tile ``x`` (rows, BLOCK_D) where ``load_rows`` reads it, in PTR's dtype; nothing past either edge."""
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(PTR + rows[:, None] * HEAD_DIM + offs_d[None, :], x.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, s, v, FP32_DOT: tl.constexpr):
+    """Fold one key block into the running (acc, l_i, m_i): scores s (M, N) in log2 units (-inf = hidden), values v.
+
+    A row that has seen no visible key yet (max still -inf) stays empty instead of producing NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])  # (M, N) unnormalised probabilities
+    alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, FP32_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -70,11 +98,8 @@ def _fwd_inner(
     q,
     K,
     V,
-    kv_base,
     offs_m,
-    offs_n,
     offs_d,
-    d_ok,
     qk_scale,
     N_K,
     HEAD_DIM,
@@ -85,24 +110,19 @@ def _fwd_inner(
     CAUSAL: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with key blocks [lo, hi); MASKED adds the causal/ragged masks."""
+    """Online-softmax update of (acc, l_i, m_i) with key blocks [lo, hi) of K, V (this head's (N_K, HEAD_DIM) rows);
+    MASKED adds the causal/ragged masks."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_k = start_n + offs_n
-        kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :] if MASKED else d_ok[None, :]
-        k = tl.load(K + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        v = tl.load(V + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        offs_k = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(K, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
+        v = load_rows(V, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
         s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N) scores in log2 units
         if MASKED:
             keep = offs_k[None, :] < N_K  # ragged tail: keys past N_K do not exist
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_k[None, :])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first block visited always shows key 0 to every row
-        p = tl.math.exp2(s - m_new[:, None])  # (M, N) unnormalised probabilities
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, FP32_DOT)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, FP32_DOT)
     return acc, l_i, m_i
 
 
@@ -127,17 +147,15 @@ def flash_fwd_kernel(
     """One program = one block of BLOCK_M queries of one (batch, head). Tensors are contiguous (B, H, N, D)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this block
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = next power of two >= HEAD_DIM; the extra columns are masked
-    d_ok = offs_d < HEAD_DIM
     q_base, kv_base = bh * N_Q * HEAD_DIM, bh * N_K * HEAD_DIM
-    q_mask = (offs_m[:, None] < N_Q) & d_ok[None, :]
-    q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)  # (M, D)
+    q = load_rows(Q + q_base, offs_m, N_Q, offs_d, HEAD_DIM)  # (M, D)
+    K, V = K + kv_base, V + kv_base  # this (batch, head)'s keys and values
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator, relative to m_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running numerator @ V, relative to m_i
-    # Two phases: key blocks every query of this block sees completely (no mask work at all), then the blocks that
+    # Two phases: key blocks every query of this block sees completely (no score masking at all), then the blocks that
     # need masking (the causal diagonal, or the ragged last block). Causal: blocks right of the diagonal are never read.
     if CAUSAL:
         full_hi = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N  # keys < first query of the block: all visible
@@ -146,51 +164,12 @@ def flash_fwd_kernel(
         full_hi = (N_K // BLOCK_N) * BLOCK_N
         hi = N_K
     acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        kv_base,
-        offs_m,
-        offs_n,
-        offs_d,
-        d_ok,
-        qk_scale,
-        N_K,
-        HEAD_DIM,
-        0,
-        full_hi,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        FP32_DOT,
+        acc, l_i, m_i, q, K, V, offs_m, offs_d, qk_scale, N_K, HEAD_DIM, 0, full_hi, BLOCK_N, False, CAUSAL, FP32_DOT
     )
     acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        kv_base,
-        offs_m,
-        offs_n,
-        offs_d,
-        d_ok,
-        qk_scale,
-        N_K,
-        HEAD_DIM,
-        full_hi,
-        hi,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        FP32_DOT,
+        acc, l_i, m_i, q, K, V, offs_m, offs_d, qk_scale, N_K, HEAD_DIM, full_hi, hi, BLOCK_N, True, CAUSAL, FP32_DOT
     )
-    acc = acc / l_i[:, None]
-    tl.store(Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
+    store_rows(Out + q_base, offs_m, N_Q, offs_d, HEAD_DIM, acc / l_i[:, None])
     tl.store(LSE + bh * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N_Q)  # log2-sum-exp2 per row
 
 
@@ -200,11 +179,35 @@ def flash_bwd_preprocess(Out, DO, DELTA, N_Q, HEAD_DIM, BLOCK_M: tl.constexpr, B
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    ptrs = bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(Out + ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    o = load_rows(Out + bh * N_Q * HEAD_DIM, offs_m, N_Q, offs_d, HEAD_DIM).to(tl.float32)
+    do = load_rows(DO + bh * N_Q * HEAD_DIM, offs_m, N_Q, offs_d, HEAD_DIM).to(tl.float32)
     tl.store(DELTA + bh * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.jit
+def load_query_rows(Q, DO, LSE, DELTA, offs_m, N_Q, offs_d, HEAD_DIM):
+    """What both backward kernels read for query rows ``offs_m``: q, dO (M, D) and the row terms lse, delta (M,)."""
+    q = load_rows(Q, offs_m, N_Q, offs_d, HEAD_DIM)  # (M, D)
+    do = load_rows(DO, offs_m, N_Q, offs_d, HEAD_DIM)  # (M, D)
+    lse = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
+    return q, do, lse, delta
+
+
+@triton.jit
+def probs_and_dscores(
+    q, k, v, do, lse, delta, offs_m, offs_k, N_Q, N_K, qk_scale, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr
+):
+    """A (query block, key block) tile's exact probabilities P (M, N), recomputed from the forward's lse, and the
+    score gradient dS = P * (dO V^T - delta): what both the dK/dV and the dQ kernel need."""
+    s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
+    keep = (offs_m[:, None] < N_Q) & (offs_k[None, :] < N_K)
+    if CAUSAL:
+        keep = keep & (offs_m[:, None] >= offs_k[None, :])
+    p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, N) exact probabilities, recomputed
+    dp = tile_dot(do, tl.trans(v), FP32_DOT)  # (M, N) dP = dO V^T
+    ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(P * dP))
+    return p, ds
 
 
 @triton.jit
@@ -232,38 +235,25 @@ def flash_bwd_dkdv_kernel(
     """One program = one block of BLOCK_N keys; it walks over query blocks and owns dK, dV for its keys (no atomics)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_base, kv_base = bh * N_Q * HEAD_DIM, bh * N_K * HEAD_DIM
-    kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :]
-    kv_offs = kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :]
-    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
-    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
+    k = load_rows(K + kv_base, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
+    v = load_rows(V + kv_base, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
     if CAUSAL:  # queries above the diagonal never see these keys
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     for start_m in range(lo, N_Q, BLOCK_M):
-        offs_m = start_m + offs_m0
-        q_mask = (offs_m[:, None] < N_Q) & d_ok[None, :]
-        q_offs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=q_mask, other=0.0)  # (M, D)
-        do = tl.load(DO + q_offs, mask=q_mask, other=0.0)  # (M, D)
-        lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
-        delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (M,)
-        s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
-        keep = (offs_m[:, None] < N_Q) & (offs_k[None, :] < N_K)
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_k[None, :])
-        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, N) exact probabilities, recomputed
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = load_query_rows(
+            Q + q_base, DO + q_base, LSE + bh * N_Q, DELTA + bh * N_Q, offs_m, N_Q, offs_d, HEAD_DIM
+        )
+        p, ds = probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_k, N_Q, N_K, qk_scale, CAUSAL, FP32_DOT)
         dv += tile_dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # dV = P^T dO
-        dp = tile_dot(do, tl.trans(v), FP32_DOT)  # (M, N) dP = dO V^T
-        ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(P * dP))
         dk += tile_dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)  # dK = dS^T Q (times the scale, below)
-    tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    store_rows(DK + kv_base, offs_k, N_K, offs_d, HEAD_DIM, dk * sm_scale)
+    store_rows(DV + kv_base, offs_k, N_K, offs_d, HEAD_DIM, dv)
 
 
 @triton.jit
@@ -290,31 +280,19 @@ def flash_bwd_dq_kernel(
     """One program = one block of BLOCK_M queries; it walks over key blocks like the forward pass and owns dQ."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_base, kv_base = bh * N_Q * HEAD_DIM, bh * N_K * HEAD_DIM
-    q_mask = (offs_m[:, None] < N_Q) & d_ok[None, :]
-    q_offs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)  # (M, D)
-    do = tl.load(DO + q_offs, mask=q_mask, other=0.0)  # (M, D)
-    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    q, do, lse, delta = load_query_rows(
+        Q + q_base, DO + q_base, LSE + bh * N_Q, DELTA + bh * N_Q, offs_m, N_Q, offs_d, HEAD_DIM
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = N_K
     if CAUSAL:
         hi = tl.minimum((pid_m + 1) * BLOCK_M, N_K)
     for start_n in range(0, hi, BLOCK_N):
-        offs_k = start_n + offs_n
-        kv_mask = (offs_k[:, None] < N_K) & d_ok[None, :]
-        k = tl.load(K + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        v = tl.load(V + kv_base + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        s = tile_dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (M, N)
-        keep = (offs_m[:, None] < N_Q) & (offs_k[None, :] < N_K)
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_k[None, :])
-        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tile_dot(do, tl.trans(v), FP32_DOT)  # (M, N)
-        ds = p * (dp - delta[:, None])
+        offs_k = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(K + kv_base, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
+        v = load_rows(V + kv_base, offs_k, N_K, offs_d, HEAD_DIM)  # (N, D)
+        _, ds = probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_k, N_Q, N_K, qk_scale, CAUSAL, FP32_DOT)
         dq += tile_dot(ds.to(k.dtype), k, FP32_DOT)  # dQ = dS K (times the scale, below)
-    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    store_rows(DQ + q_base, offs_m, N_Q, offs_d, HEAD_DIM, dq * sm_scale)

@@ -74,7 +74,7 @@ def run_case(L: int, E: int, N: int, variant: str, backward: bool, repeats: int)
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--d-inner", type=int, default=128, help="E: channels (expand · d_model)")
     p.add_argument("--d-state", type=int, default=16, help="N: state size per channel")

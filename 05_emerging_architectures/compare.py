@@ -2,7 +2,7 @@
 Transformer (ch01 GPT), Transformer + MoE (8 experts, top-2, each expert half the dense FFN: same active parameters),
 Mamba (layers chosen to match the Transformer's parameter count) and Transformer + KAN FFN (parameter-matched).
 
-Reports parameters (total / active per token), validation loss (ch01's deterministic ``val_loss``), training tokens/s
+Reports parameters (total / active per token), validation loss (ch01's deterministic ``evaluate_loss``), training tokens/s
 and inference tokens/s with a KV cache (Transformers) or the recurrent state (Mamba), plus one plot of val-loss curves.
 
     python 05_emerging_architectures/compare.py                                  # tiny preset, 150 steps (~1-3 min)
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ch01.model import GPT, DynamicKVCache, GPTConfig
-from ch01.pretrained import val_loss
-from ch01.train import TrainConfig, prepare_data
+from ch01.evaluate import evaluate_loss
+from ch01.generate import generate
+from ch01.model import GPT, GPTConfig
+from ch01.train import prepare_data, train
 from ch05.kan import KANGPT
-from ch05.lm_train import train_model
+from ch05.lm_train import arch_config
 from ch05.mamba import MambaConfig, MambaLM
 from ch05.moe import MoEConfig, MoEGPT
 from common.bench import hardware_info, markdown_table
@@ -64,19 +65,15 @@ def build_models(cfg: GPTConfig, seed: int) -> dict[str, torch.nn.Module]:
 def decode_tokens_per_s(
     model: torch.nn.Module, n_tokens: int, batch_size: int = 1, device="cpu"
 ) -> tuple[float, float]:
-    """Greedy decoding speed with a KV cache (GPT family) or the recurrent state (Mamba), from a 1-token prompt.
-    Returns (tokens per wall second, tokens per CPU second)."""
+    """Greedy decoding speed with a KV cache (GPT family: ch01's ``generate``) or the recurrent state (Mamba's own
+    ``generate``), from a 1-token prompt. Returns (tokens per wall second, tokens per CPU second)."""
     model.eval()
     prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     t0, c0 = time.perf_counter(), time.process_time()
     if isinstance(model, MambaLM):
         model.generate(prompt, n_tokens, temperature=0)
     else:
-        cache = DynamicKVCache(model.config.n_layer)
-        logits = model(prompt, kv_cache=cache, start_pos=0)[:, -1]
-        for pos in range(1, n_tokens + 1):
-            nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
-            logits = model(nxt, kv_cache=cache, start_pos=pos)[:, -1]
+        generate(model, prompt, n_tokens, temperature=0)
     n = n_tokens * batch_size
     return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
 
@@ -86,7 +83,7 @@ def active_params(model) -> int:
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, out=True)
     p.add_argument("--preset", default="tiny", help="ch01 preset for the Transformer family (tiny, small, ...)")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=12)
@@ -97,7 +94,7 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     tok, train_ids, val_ids = prepare_data("char")
     cfg = GPTConfig.preset(args.preset, vocab_size=tok.vocab_size)
-    tc = TrainConfig(
+    tc = arch_config(
         max_iters=args.iters,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -106,6 +103,7 @@ def main(argv=None) -> dict:
         eval_interval=args.eval_interval,
         eval_iters=10,
         seed=args.seed,
+        device=args.device,
         progress=False,
     )
     rows, curves = [], {}
@@ -113,15 +111,15 @@ def main(argv=None) -> dict:
         if args.only and not any(s.lower() in name.lower() for s in args.only):
             continue
         print(f"training {name} ({model.num_params():,} params) ...", flush=True)
-        res = train_model(model, train_ids, val_ids, tc, device)
-        curves[name] = ([v[0] for v in res["val"]], [v[1] for v in res["val"]])
+        res = train(model, tc, train_ids, val_ids)
+        curves[name] = ([v[0] for v in res["val"]], [v[2] for v in res["val"]])  # rows are [iter, train, val]
         decode_wall, decode_cpu = decode_tokens_per_s(model, cfg.block_size - 1, device=device)
         rows.append(
             {
                 "model": name,
                 "params total": f"{model.num_params():,}",
                 "params active": f"{active_params(model):,}",
-                "val loss": val_loss(model, val_ids.to(device), max_batches=10),
+                "val loss": evaluate_loss(model, val_ids.to(device), max_batches=10),
                 "train tokens/s": res["tokens_per_s"],
                 "train tokens/CPU-s": res["tokens_per_cpu_s"],
                 "decode tokens/s": decode_wall,

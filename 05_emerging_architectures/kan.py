@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     from common.bench import hardware_info, markdown_table
     from common.cli import base_parser
 
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--steps", type=int, default=1000, help="Adam steps for each fitted model")
     p.add_argument("--grid", type=int, default=5)
     p.add_argument("--extend-to", type=int, default=10, help="grid size for the grid-extension row (0: skip)")

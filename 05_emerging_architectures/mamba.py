@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ch01.generate import sample_next
 from ch01.model import RMSNorm
 from ch05.scan import selective_scan
 
@@ -180,33 +181,33 @@ class MambaLM(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
     ):
-        """Prompt through the parallel forward (returning its final state), then one recurrent step per token."""
-        from ch01.model import filter_logits
+        """(B, T0) prompt -> (B, T0 + max_new_tokens): the prompt through the parallel forward (returning its final
+        state), then one recurrent step per token, drawn by ch01's ``sample_next`` (temperature 0 = greedy).
 
+        Not ``ch01.generate``: that loop keeps a KV cache indexed by position and, past ``block_size``, re-reads a
+        sliding window; a recurrent model keeps a fixed-size state instead and has no length limit at all."""
         logits, states = self(idx, return_state=True)
-        logits = logits[:, -1]
+        logits = logits[:, -1]  # (B, V)
         out = [idx]
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits / temperature, top_k).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             out.append(nxt[:, None])
-            logits, states = self.step(nxt, states)
+            if i < max_new_tokens - 1:
+                logits, states = self.step(nxt, states)
         return torch.cat(out, dim=1)
 
 
 def main(argv=None) -> dict:
-    from ch01.train import TrainConfig, prepare_data
-    from ch05.lm_train import train_model
+    from ch01.train import prepare_data, train
+    from ch05.lm_train import arch_config
+    from common.bench import markdown_table
     from common.cli import base_parser
-    from common.device import pick_device
     from common.seed import seed_everything
 
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--d-model", type=int, default=96)
     p.add_argument("--block-size", type=int, default=64)
@@ -214,12 +215,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args(argv)
-    device = pick_device(args.device)
     seed_everything(args.seed)
     tok, train_ids, val_ids = prepare_data("char")
     cfg = MambaConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer, d_model=args.d_model)
     model = MambaLM(cfg)
-    tc = TrainConfig(
+    tc = arch_config(
         max_iters=args.max_iters,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -228,20 +228,26 @@ def main(argv=None) -> dict:
         eval_interval=max(1, args.max_iters // 4),
         eval_iters=20,
         seed=args.seed,
+        device=args.device,
     )
-    res = train_model(model, train_ids, val_ids, tc, device)
+    res = train(model, tc, train_ids, val_ids)
+    device = next(model.parameters()).device
     prompt = torch.tensor([tok.encode("\n")], device=device)
     sample = tok.decode(
         model.generate(
             prompt, 300, temperature=0.8, top_k=50, generator=torch.Generator(device).manual_seed(args.seed)
         )[0].tolist()
     )
-    print(
-        f"\n| model | params | iters | val loss | train tokens/s |\n|---|---|---|---|---|\n"
-        f"| Mamba {args.n_layer}×{args.d_model} | {model.num_params():,} | {args.max_iters} | {res['val'][-1][1]:.4f} "
-        f"| {res['tokens_per_s']:,.0f} |\n\nconfig: {asdict(cfg)}\nsample:\n{sample}"
-    )
-    return {**res, "model": model, "sample": sample, "val_loss": res["val"][-1][1]}
+    val_loss = res["val"][-1][2]  # rows are [iter, train, val]
+    row = {
+        "model": f"Mamba {args.n_layer}×{args.d_model}",
+        "params": f"{model.num_params():,}",
+        "iters": args.max_iters,
+        "val loss": val_loss,
+        "train tokens/s": f"{res['tokens_per_s']:,.0f}",
+    }
+    print(f"\n{markdown_table([row], floatfmt='.4f')}\n\nconfig: {asdict(cfg)}\nsample:\n{sample}")
+    return {**res, "sample": sample, "val_loss": val_loss}
 
 
 if __name__ == "__main__":

@@ -171,18 +171,19 @@ class MoEGPT(GPT):
 
 
 # ------------------------------------------------------------------------------------------------------------ demo
-def _utilisation_run(cfg, moe_cfg, tc, train_ids, val_ids, device):
-    from ch05.lm_train import train_model
+def _utilisation_run(cfg, moe_cfg, tc, train_ids, val_ids):
+    from ch01.train import train
     from common.seed import seed_everything
 
     seed_everything(tc.seed)
     model = MoEGPT(cfg, moe_cfg)
     shares = []  # per step: (n_layer, N) share of assignments
 
-    def record(it, m):
-        shares.append(torch.stack([layer.last_counts.float() / layer.last_counts.sum() for layer in m.moe_layers()]))
+    def record(state):
+        counts = [layer.last_counts.float() for layer in state.model.moe_layers()]
+        shares.append(torch.stack([c / c.sum() for c in counts]))
 
-    res = train_model(model, train_ids, val_ids, tc, device, on_step=record)
+    res = train(model, tc, train_ids, val_ids, callbacks=[record])
     return model, torch.stack(shares), res  # shares (steps, n_layer, N)
 
 
@@ -208,13 +209,14 @@ def _dispatch_timing(n_tokens: int, cfg: GPTConfig, moe_cfg: MoEConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    from ch01.train import TrainConfig, prepare_data
+    from ch01.train import prepare_data
+    from ch05.lm_train import arch_config
     from common.bench import hardware_info, markdown_table
     from common.cli import base_parser
     from common.device import pick_device
     from common.plot import assets_dir, plt, save_fig
 
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, out=True)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -230,7 +232,7 @@ def main(argv=None) -> dict:
     print(f"\n{hardware_info(device)}\n\nDispatch (one MoE layer, C={cfg.n_embd}, N={args.experts}, k={args.top_k}):")
     print(markdown_table(timing))
 
-    tc = TrainConfig(
+    tc = arch_config(
         max_iters=args.iters,
         batch_size=16,
         lr=3e-3,
@@ -238,11 +240,12 @@ def main(argv=None) -> dict:
         eval_interval=args.iters,
         eval_iters=20,
         seed=args.seed,
+        device=args.device,
         progress=False,
     )
     rows, runs = [], {}
     for name, lb in (("with balancing loss", 1e-2), ("without (lb_coef=0)", 0.0)):
-        model, shares, res = _utilisation_run(cfg, replace(moe_cfg, lb_coef=lb), tc, train_ids, val_ids, device)
+        model, shares, res = _utilisation_run(cfg, replace(moe_cfg, lb_coef=lb), tc, train_ids, val_ids)
         runs[name] = shares
         last = shares[-20:].mean(0)  # (n_layer, N) average over the last 20 steps
         cv = (last.std(-1) / last.mean(-1)).mean().item()
@@ -254,7 +257,7 @@ def main(argv=None) -> dict:
                 "min expert share": last.min().item(),
                 "coef. of variation": cv,
                 "dropped @ cf=1.0": drops,
-                "val loss": res["val"][-1][1],
+                "val loss": res["val"][-1][2],  # rows are [iter, train, val]
             }
         )
     print(f"\nExpert utilisation after {args.iters} steps ({args.preset}, uniform share = {1 / args.experts:.3f}):")

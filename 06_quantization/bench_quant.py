@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ch01.pretrained import pretrained_char_model, val_loss
+from ch01.evaluate import evaluate_loss
 from ch06.gguf_export import export_gguf, gguf_roundtrip_model, llama_cpp_logits, load_llama_cpp
 from ch06.gptq import calibration_windows
 from ch06.prune import prune_model, sparsity_of
-from ch06.quantize import model_size_bytes, quantize_model
+from ch06.quantize import model_size_bytes, pretrained, quantize_model, script_parser
 from common.bench import hardware_info, markdown_table, timeit
-from common.cli import base_parser
 from common.plot import assets_dir, save_fig
 from common.seed import seed_everything
 
@@ -68,22 +67,20 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000)
+    p = script_parser(__doc__, seed=True)
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--skip-bnb", action="store_true", help="leave out the bitsandbytes rows")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     seed_everything(args.seed)
-    model, tok, (train_ids, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    model, tok, (train_ids, val_ids) = pretrained(args)
     cfg = model.config
     calib = calibration_windows(train_ids, args.n_calib, cfg.block_size, args.seed)
-    base = val_loss(model, val_ids)
+    base = evaluate_loss(model, val_ids)
     rows = []
 
     def add(method, bits, mb, m, extra=None):
-        loss = base if m is model else val_loss(m, val_ids)
+        loss = base if m is model else evaluate_loss(m, val_ids)
         rows.append(
             {
                 "method": method,

@@ -97,29 +97,26 @@ def bnb_linear_types(hf) -> set[str]:
 
 
 def main(argv=None):
-    from ch01.pretrained import pretrained_char_model, val_loss
-    from common.bench import markdown_table
-    from common.cli import base_parser
+    from ch01.evaluate import evaluate_loss
+    from ch06.quantize import pretrained, print_loss_table, script_parser
 
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000)
+    p = script_parser(__doc__, device=True)
     p.add_argument("--modes", nargs="*", default=["int8", "nf4", "fp4"])
     p.add_argument("--max-batches", type=int, default=20, help="val batches of 32 windows")
     args = p.parse_args(argv)
     if args.device not in ("auto", "cpu"):
         print("bnb.py runs the bitsandbytes CPU kernels; ignoring --device", args.device)
-    model, _, (_, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    model, _, (_, val_ids) = pretrained(args)
     from ch01.hf_interop import to_hf
 
     fp32 = to_hf(model)
-    base = val_loss(model, val_ids, max_batches=args.max_batches)
+    base = evaluate_loss(model, val_ids, max_batches=args.max_batches)
     rows = [
         {
             "mode": "fp32 (HF)",
             "linear": "Linear",
             "MB": fp32.get_memory_footprint() / 1e6,
-            "val_loss": val_loss(HFCausalLM(fp32, model.config), val_ids, max_batches=args.max_batches),
+            "val_loss": evaluate_loss(HFCausalLM(fp32, model.config), val_ids, max_batches=args.max_batches),
         }
     ]
     for mode in args.modes:
@@ -129,13 +126,10 @@ def main(argv=None):
                 "mode": mode,
                 "linear": ",".join(sorted(bnb_linear_types(hf))),
                 "MB": hf.get_memory_footprint() / 1e6,
-                "val_loss": val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=args.max_batches),
+                "val_loss": evaluate_loss(HFCausalLM(hf, model.config), val_ids, max_batches=args.max_batches),
             }
         )
-    for r in rows:
-        r["delta_%"] = 100 * (r["val_loss"] / base - 1)
-    print(markdown_table(rows))
-    return rows
+    return print_loss_table(rows, base)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import torch
 
 from ch01.char_tokenizer import CharTokenizer
 from ch01.model import GPT
+from ch06.gguf_reader import QK, dequantize_q4_0, dequantize_q8_0  # the block layouts' one home: our reader
 
-QK = 32  # weights per block for Q8_0 and Q4_0
 QTYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
@@ -78,19 +78,6 @@ def quantize_q4_0(x: torch.Tensor) -> np.ndarray:
     packed = qs[:, : QK // 2] | (qs[:, QK // 2 :] << 4)  # (n, 16)
     out = torch.cat([d.to(torch.float16).view(torch.uint8), packed], dim=1)  # (n, 18)
     return out.reshape(*x.shape[:-1], -1).numpy()
-
-
-def dequantize_q8_0(data: np.ndarray, shape) -> torch.Tensor:
-    b = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 34)
-    d = b[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
-    return (b[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
-
-
-def dequantize_q4_0(data: np.ndarray, shape) -> torch.Tensor:
-    b = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 18)
-    d = b[:, :2].contiguous().view(torch.float16).float()  # (n, 1)
-    q = torch.cat([b[:, 2:] & 0x0F, b[:, 2:] >> 4], dim=1).float()  # (n, 32)
-    return ((q - 8) * d).reshape(shape)
 
 
 QUANTIZERS = {"q8_0": (quantize_q8_0, dequantize_q8_0), "q4_0": (quantize_q4_0, dequantize_q4_0)}
@@ -169,7 +156,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     if isinstance(tok, Tokenizer):
         return add_bpe_tokenizer(writer, tok, vocab_size)
     if not isinstance(tok, CharTokenizer):
-        raise TypeError(f"gguf_export writes CharTokenizer or ch01.bpe.Tokenizer vocabularies, not {type(tok).__name__}")
+        raise TypeError(
+            f"gguf_export writes CharTokenizer or ch01.bpe.Tokenizer vocabularies, not {type(tok).__name__}"
+        )
     add_char_tokenizer(writer, tok, vocab_size)
 
 
@@ -189,9 +178,10 @@ def add_char_tokenizer(writer: gguf.GGUFWriter, tok: CharTokenizer, vocab_size: 
 
 
 def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:
-    """ch01's byte-level BPE as llama.cpp vocab type "gpt2" (pre-tokenizer "gpt-2", the regex ours uses): tokens and
-    merges written through GPT-2's byte-to-unicode map, exactly as Hugging Face's GPT-2 files store them. BOS/EOS
-    point at our first special token (llama.cpp's gpt2 default, id 11, is an ordinary token in a small vocab)."""
+    """ch01's byte-level BPE as llama.cpp vocab type "gpt2" with the tokenizer's own pre-tokenizer ("gpt-2", or
+    "smollm" for SmolLM2's vocabulary): tokens and merges written through GPT-2's byte-to-unicode map, exactly as Hugging
+    Face's files store them, special tokens as CONTROL, the chat template when there is one. BOS/EOS: the tokenizer's
+    own, else our first special token (llama.cpp's gpt2 default, id 11, is an ordinary token in a small vocab)."""
     from ch01.bpe import bytes_to_unicode
 
     b2u = bytes_to_unicode()
@@ -202,15 +192,22 @@ def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok, vocab_size: int) -> None:
         raise ValueError("BPE vocabulary ids must be 0..vocab_size-1")
     special = set(tok.special_ids.values())
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list([tok.vocab[i].decode("utf-8") if i in special else show(tok.vocab[i])
-                           for i in range(vocab_size)])
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(vocab_size)])
+    writer.add_tokenizer_pre(getattr(tok, "pre_tokenizer", "gpt-2"))  # ch01's names are llama.cpp's pre-types
+    writer.add_token_list(
+        [tok.vocab[i].decode("utf-8") if i in special else show(tok.vocab[i]) for i in range(vocab_size)]
+    )
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)]
+    )
     writer.add_token_merges([f"{show(a)} {show(b)}" for a, b in tok.merges])
+    bos, eos = getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)
     if special:
-        writer.add_bos_token_id(min(special))
-        writer.add_eos_token_id(min(special))
+        writer.add_bos_token_id(min(special) if bos is None else bos)
+        writer.add_eos_token_id(min(special) if eos is None else eos)
+    if eos is not None:
+        writer.add_pad_token_id(eos)
+    if getattr(tok, "chat_template", None):
+        writer.add_chat_template(tok.chat_template)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
 
@@ -246,7 +243,7 @@ def export_gguf(model: GPT, tok, path: str | Path, qtype: str = "f32", name: str
     return path
 
 
-def _q8_0_activations(module, inputs):
+def q8_0_activations(module, inputs):
     """llama.cpp's CPU matmul for Q8_0/Q4_0 weights first quantizes the activations to Q8_0 blocks as well."""
     x = inputs[0]
     return (dequantize_q8_0(quantize_q8_0(x.reshape(-1, x.shape[-1])), x.shape).to(x.dtype),)
@@ -275,7 +272,7 @@ def gguf_roundtrip_model(model: GPT, qtype: str, quantize_activations: bool = Fa
     if quantize_activations and qtype in QUANTIZERS:
         for name, m in out.named_modules():
             if isinstance(m, torch.nn.Linear) and tensor_qtype(name, m.weight, qtype) in QUANTIZERS:
-                m.register_forward_pre_hook(_q8_0_activations)
+                m.register_forward_pre_hook(q8_0_activations)
     return out
 
 
@@ -325,34 +322,22 @@ def llama_cpp_greedy(llm, ids: list[int], n_new: int) -> list[int]:
 
 
 def main(argv=None):
-    from ch01.pretrained import pretrained_char_model, val_loss
-    from common.bench import markdown_table
-    from common.cli import base_parser
+    from ch01.evaluate import evaluate_loss
+    from ch06.quantize import pretrained, print_loss_table, script_parser
     from common.data import cache_dir
 
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000)
+    p = script_parser(__doc__, out=True)
     p.add_argument("--qtype", nargs="*", default=list(QTYPES), choices=list(QTYPES))
     args = p.parse_args(argv)
-    model, tok, (_, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    model, tok, (_, val_ids) = pretrained(args)
     out_dir = Path(args.out) if args.out else cache_dir("gguf")
-    base = val_loss(model, val_ids)
+    base = evaluate_loss(model, val_ids)
     rows = []
     for qt in args.qtype:
         path = export_gguf(model, tok, out_dir / f"{args.preset}-{qt}.gguf", qt)
-        loss = val_loss(gguf_roundtrip_model(model, qt), val_ids)
-        rows.append(
-            {
-                "qtype": qt,
-                "file": str(path),
-                "MB": path.stat().st_size / 1e6,
-                "val_loss": loss,
-                "delta_%": 100 * (loss / base - 1),
-            }
-        )
-    print(markdown_table(rows))
-    return rows
+        loss = evaluate_loss(gguf_roundtrip_model(model, qt), val_ids)
+        rows.append({"qtype": qt, "file": str(path), "MB": path.stat().st_size / 1e6, "val_loss": loss})
+    return print_loss_table(rows, base)
 
 
 if __name__ == "__main__":

@@ -164,43 +164,25 @@ def calibration_windows(train_ids: torch.Tensor, n_samples: int, seq_len: int, s
 
 
 def main(argv=None):
-    from ch01.pretrained import pretrained_char_model, val_loss
-    from ch06.quantize import model_size_bytes, quantize_model
-    from common.bench import markdown_table
-    from common.cli import base_parser
+    from ch06.quantize import pretrained, print_loss_table, quant_row, quantize_model, script_parser
     from common.seed import seed_everything
 
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000)
+    p = script_parser(__doc__, seed=True)
     p.add_argument("--bits", type=int, nargs="*", default=[4, 3])
     p.add_argument("--group-size", type=int, default=32, help="0 = one group per row")
     p.add_argument("--n-calib", type=int, default=128, help="calibration windows of block_size tokens")
     p.add_argument("--act-order", action="store_true")
     args = p.parse_args(argv)
     seed_everything(args.seed)
-    model, _, (train_ids, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    model, _, (train_ids, val_ids) = pretrained(args)
     calib = calibration_windows(train_ids, args.n_calib, model.config.block_size, args.seed)
     gs = args.group_size or None
-    base = val_loss(model, val_ids)
-    rows = [{"method": "fp32", "bits": 32, "group": "-", "MB": model_size_bytes(model) / 1e6, "val_loss": base}]
+    rows = [quant_row("fp32", 32, "-", model, val_ids)]
     for bits in args.bits:
         for method in ("rtn", "gptq"):
             kw = {"calib_ids": calib, "act_order": args.act_order} if method == "gptq" else {}
-            q = quantize_model(model, method, bits, gs, **kw)
-            rows.append(
-                {
-                    "method": method,
-                    "bits": bits,
-                    "group": gs or "row",
-                    "MB": model_size_bytes(q) / 1e6,
-                    "val_loss": val_loss(q, val_ids),
-                }
-            )
-    for r in rows:
-        r["delta_%"] = 100 * (r["val_loss"] / base - 1)
-    print(markdown_table(rows))
-    return rows
+            rows.append(quant_row(method, bits, gs, quantize_model(model, method, bits, gs, **kw), val_ids))
+    return print_loss_table(rows, rows[0]["val_loss"])
 
 
 if __name__ == "__main__":

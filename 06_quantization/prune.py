@@ -124,22 +124,19 @@ def is_n_m_sparse(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 
 def main(argv=None):
-    from ch01.pretrained import pretrained_char_model, val_loss
+    from ch01.evaluate import evaluate_loss
     from ch06.gptq import calibration_windows
-    from common.bench import markdown_table
-    from common.cli import base_parser
+    from ch06.quantize import pretrained, print_loss_table, script_parser
     from common.seed import seed_everything
 
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000)
+    p = script_parser(__doc__, seed=True)
     p.add_argument("--sparsity", type=float, nargs="*", default=[0.25, 0.5, 0.7])
     p.add_argument("--n-calib", type=int, default=128)
     args = p.parse_args(argv)
     seed_everything(args.seed)
-    model, _, (train_ids, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
+    model, _, (train_ids, val_ids) = pretrained(args)
     calib = calibration_windows(train_ids, args.n_calib, model.config.block_size, args.seed)
-    base = val_loss(model, val_ids)
+    base = evaluate_loss(model, val_ids)
     rows = [{"method": "dense", "pattern": "-", "sparsity": sparsity_of(model), "val_loss": base}]
     for pattern, levels in (("unstructured", args.sparsity), ("2:4", [0.5])):
         for s in levels:
@@ -150,13 +147,10 @@ def main(argv=None):
                         "method": method,
                         "pattern": pattern,
                         "sparsity": sparsity_of(pm),
-                        "val_loss": val_loss(pm, val_ids),
+                        "val_loss": evaluate_loss(pm, val_ids),
                     }
                 )
-    for r in rows:
-        r["delta_%"] = 100 * (r["val_loss"] / base - 1)
-    print(markdown_table(rows))
-    return rows
+    return print_loss_table(rows, base)
 
 
 if __name__ == "__main__":

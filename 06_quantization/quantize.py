@@ -227,51 +227,68 @@ def model_size_bytes(model: nn.Module) -> int:
     return total
 
 
-def main(argv=None):
-    from ch01.pretrained import pretrained_char_model, val_loss
-    from common.bench import markdown_table
+# ------------------------------------------------------------------------------------------- the chapter's scripts
+
+
+def script_parser(doc: str, **flags):
+    """``common.cli.base_parser`` plus the model every script of this chapter measures: ch01's cached char model."""
     from common.cli import base_parser
+
+    p = base_parser(doc.split("\n\n")[0], **flags)
+    p.add_argument("--preset", default="small", help="ch01 preset of the cached pretrained char model")
+    p.add_argument("--iters", type=int, default=2000, help="training iterations of the cached model")
+    return p
+
+
+def pretrained(args):
+    """(model, tokenizer, (train_ids, val_ids)): ch01's char model of ``--preset``, trained ``--iters`` (cached)."""
+    from ch01.pretrained import pretrained_char_model
+
+    return pretrained_char_model(args.preset, max_iters=args.iters)
+
+
+def quant_row(method: str, bits: int, group, model, val_ids) -> dict:
+    """A table row: how ``model`` was quantized, its stored size (MB) and its val loss (``ch01.evaluate_loss``)."""
+    from ch01.evaluate import evaluate_loss
+
+    mb = model_size_bytes(model) / 1e6
+    return {
+        "method": method,
+        "bits": bits,
+        "group": group or "row",
+        "MB": mb,
+        "val_loss": evaluate_loss(model, val_ids),
+    }
+
+
+def print_loss_table(rows: list[dict], base: float) -> list[dict]:
+    """Adds each row's val-loss change over ``base`` (``delta_%``), prints the rows as a markdown table, returns them."""
+    from common.bench import markdown_table
+
+    for r in rows:
+        r["delta_%"] = 100 * (r["val_loss"] / base - 1)
+    print(markdown_table(rows))
+    return rows
+
+
+def main(argv=None):
     from common.seed import seed_everything
 
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=2000, help="training iterations of the cached model")
+    p = script_parser(__doc__, seed=True)
     p.add_argument("--bits", type=int, nargs="*", default=None, help="only these bit widths (default: 8 4 3)")
     p.add_argument("--group-size", type=int, default=None, help="only this group size for low-bit RTN")
     args = p.parse_args(argv)
     seed_everything(args.seed)
-    model, _, (_, val_ids) = pretrained_char_model(args.preset, max_iters=args.iters)
-    base = val_loss(model, val_ids)
-    rows = [
-        {
-            "method": "fp32",
-            "bits": 32,
-            "group": "-",
-            "MB": model_size_bytes(model) / 1e6,
-            "val_loss": base,
-            "delta_%": 0.0,
-        }
-    ]
+    model, _, (_, val_ids) = pretrained(args)
+    rows = [quant_row("fp32", 32, "-", model, val_ids)]
     configs = [(8, None), (4, 32), (4, 128), (4, None), (3, 32)]
     if args.bits:
         configs = [c for c in configs if c[0] in args.bits]
     if args.group_size:
         configs = [(b, None if b == 8 else args.group_size) for b in sorted({b for b, _ in configs}, reverse=True)]
     for bits, gs in configs:
-        q = quantize_model(model, "rtn", bits, gs)
-        loss = val_loss(q, val_ids)
-        rows.append(
-            {
-                "method": "rtn",
-                "bits": bits,
-                "group": gs or "row",
-                "MB": model_size_bytes(q) / 1e6,
-                "val_loss": loss,
-                "delta_%": 100 * (loss / base - 1),
-            }
-        )
-    print(markdown_table(rows))
-    return rows
+        rows.append(quant_row("rtn", bits, gs, quantize_model(model, "rtn", bits, gs), val_ids))
+    return print_loss_table(rows, rows[0]["val_loss"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Decode speed side by side: no cache vs static KV cache vs the same with fused weights vs compiled decode step vs
-Hugging Face ``generate`` (same weights) vs speculative decoding (k = 2, 4, 6) vs MLX — greedy, one prompt, tokens/s.
+"""Decode speed side by side: no cache vs static KV cache vs the same with fused weights vs Hugging Face ``generate``
+(same weights) vs speculative decoding (k = 2, 4, 6) vs MLX — greedy, one prompt, tokens/s.
 
     python 07_inference_engineering/bench_decode.py                      # 64-token prompt, 512 new tokens (minutes)
     python 07_inference_engineering/bench_decode.py --new-tokens 128 256 512 --threads 1
 
 Every row decodes the same prompt greedily with the chapter's target model (6 layers × 256, block 640; trained and
-cached on first use by ch07.models) and reports whether its tokens equal the static-cache output. Speculative rows run
+cached on first use by ch07.models) and reports whether its tokens equal the static-cache output. The first three rows
+are the same loop (``ch01.generate`` via ``ch07.kv_cache.generate``) with a different model or cache: ch01's model
+re-run on the whole prefix (``Uncached``), ch01's model with its ``KVCache``, and ``FusedDecoder`` with it. Speculative rows run
 both models through ``FusedDecoder`` and are compared with fused greedy decoding ("x fused greedy"): same engine, so the
 ratio is what speculation itself buys. Timing is round-robin (every method once, then again, ``--repeats`` times) and
 reports medians, so a load change on a shared machine hits all methods alike. The plot shows tokens/s against the
@@ -49,8 +51,6 @@ def methods(target, draft, prompt, args):
         "static cache": lambda n: (generate(target, prompt, n)[0].tolist(), {}),
         "static cache, fused weights": lambda n: (generate(fused_target, prompt, n)[0].tolist(), {}),
     }
-    if args.compile:
-        out["static cache + torch.compile"] = lambda n: (generate(target, prompt, n, compile_step=True)[0].tolist(), {})
     if args.hf:
         from ch01.hf_interop import to_hf
 
@@ -94,13 +94,12 @@ def methods(target, draft, prompt, args):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], seed=True)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 512])
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6], help="draft lengths for speculative decoding")
     p.add_argument("--repeats", type=int, default=5, help="round-robin repeats; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared CPU)")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-hf", dest="hf", action="store_false")
     p.add_argument("--no-mlx", dest="mlx", action="store_false")
     p.add_argument("--untrained", action="store_true", help="random weights (smoke run, no training)")
@@ -120,7 +119,7 @@ def main(argv=None):
         target, draft, _, val_ids = decode_models()
         prompt = val_ids[: args.prompt_len]
     fns = methods(target, draft, prompt, args)
-    for name, fn in fns.items():  # warm-up (and compile) outside the timings
+    for name, fn in fns.items():  # warm-up outside the timings
         if name != "no cache":
             fn(8)
     rows, series = [], {name: ([], []) for name in fns}

@@ -29,7 +29,6 @@ or devices) ``PackedWeight`` falls back to torch with the same results, so nothi
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.data import cache_dir
+from common.data import cache_dir, fingerprint
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 MAX_FAST_ROWS = 12  # one pass over the weights for up to 12 rows; above that torch's sgemm is the better kernel
@@ -67,7 +66,7 @@ def load_library():
     if compiler is None:
         warnings.warn("no C compiler found: ch07.decode_kernels falls back to torch", stacklevel=2)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_fingerprint().encode() + compiler.encode()).hexdigest()[:16]
+    key = fingerprint(SOURCE.read_text(), _cpu_fingerprint(), compiler, length=16)
     lib_path = cache_dir("ch07", "kernels") / f"decode_kernels-{key}.so"
     if not lib_path.exists():
         with tempfile.TemporaryDirectory() as tmp:  # build aside, then one atomic rename: safe for parallel builds
@@ -175,7 +174,7 @@ def main(argv=None):
     from common.bench import hardware_info, markdown_table, timeit
     from common.cli import base_parser
 
-    p = base_parser("small-batch GEMM: torch (MKL) vs the packed C kernel, microseconds per call")
+    p = base_parser("small-batch GEMM: torch (MKL) vs the packed C kernel, microseconds per call", seed=True)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 7])
     p.add_argument("--repeats", type=int, default=300)
     args = p.parse_args(argv)

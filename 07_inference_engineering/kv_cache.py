@@ -1,21 +1,24 @@
-"""A preallocated (static) KV cache and the generate loop that uses it: prefill the prompt once, then one token a step.
+"""Decoding with a KV cache, on ch01's seams: a static cache, a no-cache baseline, and ``generate`` with ch07's samplers.
 
-    from ch07.kv_cache import StaticKVCache, generate
+    from ch07.kv_cache import generate, static_cache
     from ch07.sampling import Sampler
-    new_ids = generate(model, [prompt_a, prompt_b], max_new_tokens=100, sampler=Sampler(temperature=0.8, top_p=0.95))
+    new_ids = generate(model, [prompt_a, prompt_b], 100, Sampler(temperature=0.8, top_p=0.95))  # (B, n) tensor
+    new_ids = generate(model, prompt, 200, fused=True)           # decoded by ch07.fused_decode.FusedDecoder
+    new_ids = generate(model, prompt, 200, use_cache=False)      # the baseline: the whole prefix again every step
 
 Why a cache: without one, step t re-runs the whole prefix (O(t) work per token, O(n²) for n tokens); with one, step t
-runs the model on ONE token and reads the keys/values of earlier tokens from memory. The cache here is gpt-fast style:
-per layer one buffer (B, n_kv_heads, max_seq, head_dim) allocated up front, written in place at ``start_pos`` — no
-``torch.cat`` reallocations per step (``ch01.model.DynamicKVCache`` is the concat version). Rolling back (speculative
-decoding rejects tokens) is just moving the write position back.
+runs the model on ONE token and reads the keys/values of earlier tokens from memory.
 
-Prompts of different lengths are batched with LEFT padding plus ``key_padding_mask``: every row's last prompt token sits
-in the same column, so one (B, 1) decode step serves all rows; RoPE only sees relative positions, so the padding does
-not change any row's logits (the tests check batched == each prompt alone, token for token).
+Nothing here is a second cache or a second decoding loop. The cache is ch01's ``KVCache`` (ch01/cache.py): per layer
+one buffer (B, n_kv_heads, capacity, head_dim) written in place at the tokens' positions — with ``max_len`` it is
+gpt-fast's static cache (no ``torch.cat`` reallocation per step), and ``static_cache`` allocates those buffers up front
+for a model. Rolling back (speculative decoding rejects tokens) is ``crop``. The loop is ``ch01.generate.stream``:
+prompts of different lengths are right-padded and every row continues at its OWN positions (the cache's index is the
+position, so no padding mask is needed; the tests check batched == each prompt alone, token for token). ``generate``
+here plugs in ch07's ``Sampler`` (repetition penalty, min-p), ``eos_id`` and the fused engine, and returns a tensor.
 
-``compile_step=True`` wraps the decode step in ``torch.compile(dynamic=True)`` (the key length grows every step; dynamic
-shapes avoid one recompile per length). Whether that helps is measured in bench_decode.py.
+``use_cache=False`` runs the same loop through ``Uncached``, a model wrapper that keeps token ids instead of keys and
+values and re-runs the model on the whole prefix at every call: the cost the cache removes, measured side by side.
 Run ``python 07_inference_engineering/kv_cache.py`` for a cache-vs-no-cache check and timing on a tiny model.
 References: Pope et al. 2022 (Efficiently Scaling Transformer Inference); gpt-fast (PyTorch team, 2023).
 """
@@ -27,184 +30,102 @@ from collections.abc import Sequence
 
 import torch
 
+from ch01.cache import KVCache
+from ch01.generate import stream
 from ch01.model import GPT
 from ch07.sampling import GREEDY, Sampler
 
 
-class StaticKVCache:
-    """Per layer, keys and values in preallocated buffers (B, n_kv_heads, max_seq_len, head_dim).
-
-    Implements ch01's cache protocol ``update(layer, k, v, start_pos) -> (k_all, v_all)``.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        max_seq_len: int,
-        head_dim: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_seq_len = max_seq_len
-        self.length = 0  # positions [0, length) hold valid keys/values
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int = 1, max_seq_len: int | None = None) -> StaticKVCache:
-        cfg = model.config
-        p = next(model.parameters())
-        return cls(
-            cfg.n_layer, batch_size, cfg.n_kv_head, max_seq_len or cfg.block_size, cfg.head_dim, p.device, p.dtype
-        )
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
-        B, _, T, _ = k.shape  # (B, Hkv, T, D)
-        end = start_pos + T
-        if end > self.max_seq_len:
-            raise ValueError(f"cache holds {self.max_seq_len} positions, asked to write up to {end}")
-        if B > self.k[layer].shape[0]:
-            raise ValueError(f"cache was built for batch {self.k[layer].shape[0]}, got batch {B}")
-        self.k[layer][:B, :, start_pos:end] = k  # in place: no reallocation
-        self.v[layer][:B, :, start_pos:end] = v
-        self.length = end  # writing at start_pos < length is a rollback: later positions are simply overwritten
-        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]  # (B, Hkv, end, D) views
-
-    def rollback(self, length: int) -> None:
-        """Forget positions >= length (speculative decoding's rejected tokens)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+def static_cache(model, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+    """ch01's ``KVCache`` for ``model`` holding ``max_len`` positions (default: block_size) of ``batch_size`` rows, its
+    buffers allocated now (gpt-fast's static cache): decoding never allocates cache memory."""
+    cfg = model.config
+    cache = KVCache(cfg.n_layer, max_len=max_len or cfg.block_size)
+    like = next(model.parameters()).new_empty(batch_size, cfg.n_kv_head, 0, cfg.head_dim)  # batch, heads, dtype, device
+    for layer in range(cfg.n_layer):
+        cache.buffers(layer, like, cache.max_len)
+    return cache
 
 
-def left_pad(prompts: torch.Tensor | Sequence, pad_id: int = 0, device: torch.device | str = "cpu"):
-    """Prompts (a (B, T) / (T,) tensor, one list of ids, or a list of id sequences) -> (ids (B, Tmax), key_padding_mask (B, Tmax) | None).
+class Uncached:
+    """``model`` without a KV cache behind ``GPT.forward``'s contract: it keeps the token ids by position and every call
+    re-runs the model on the whole prefix (causal by order, so row b's token at position p sees positions 0 … p and
+    never a later, stale id). ``cache`` only marks one generation (a new cache object starts a new one): nothing is
+    stored in it."""
 
-    The mask is None when all prompts have the same length (the common fast path: plain causal attention)."""
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self._run, self._ids, self._len = None, None, 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, idx: torch.Tensor, *, positions=None, cache=None, attn_mask=None) -> torch.Tensor:
+        if cache is None:
+            return self.model(idx, positions=positions, attn_mask=attn_mask)
+        B, T = idx.shape
+        if cache is not self._run:  # a new generation
+            self._run, self._ids, self._len = cache, idx.new_zeros(B, self.config.block_size), 0
+        if positions is None:
+            positions = torch.arange(self._len, self._len + T, device=idx.device).expand(B, T)
+        self._ids.scatter_(1, positions, idx)
+        self._len = int(positions.max()) + 1
+        logits = self.model(self._ids[:, : self._len])  # (B, S, V): the whole prefix, again
+        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
+
+
+def _batch_size(prompts) -> int:
     if isinstance(prompts, torch.Tensor):
-        ids = prompts.view(1, -1) if prompts.dim() == 1 else prompts
-        return ids.long().to(device), None
-    if len(prompts) and isinstance(prompts[0], int):  # one prompt given as a list of ids
-        prompts = [prompts]
-    rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompts]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r) :] = r
-        mask[i, T - len(r) :] = True
-    return ids.to(device), (None if mask.all() else mask.to(device))
-
-
-def _decode_step(model: GPT, tokens: torch.Tensor, cache, start_pos: int, key_padding_mask: torch.Tensor | None):
-    """One cached forward of (B, 1) new tokens -> next-token logits (B, V)."""
-    return model(tokens, kv_cache=cache, start_pos=start_pos, key_padding_mask=key_padding_mask)[:, -1, :]
-
-
-_compiled_decode_step = None
-
-
-def compiled_decode_step():
-    """``_decode_step`` under ``torch.compile(dynamic=True)``, built once per process."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step, dynamic=True)
-    return _compiled_decode_step
+        return 1 if prompts.dim() == 1 else prompts.shape[0]
+    return 1 if len(prompts) and isinstance(prompts[0], int) else len(prompts)
 
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model,
     prompt_ids: torch.Tensor | Sequence,
     max_new_tokens: int,
     sampler: Sampler = GREEDY,
+    *,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
-    cache: StaticKVCache | None = None,
-    compile_step: bool = False,
-    pad_id: int = 0,
     fused: bool = False,
+    cache=None,
 ) -> torch.Tensor:
     """New token ids (B, n) for a batch of prompts (n = max_new_tokens, fewer if every row hit ``eos_id``; rows that
-    finished early are filled with ``eos_id``). ``use_cache=False`` re-runs the whole sequence every step (baseline).
+    finished early are filled with ``eos_id``) — ``ch01.generate.stream`` with ``sampler`` as its draw.
     ``fused=True`` decodes with ``ch07.fused_decode.FusedDecoder(model)`` (same logits, fewer ops); ``model`` may also
-    be a ``FusedDecoder`` already (saves rebuilding it per call)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    be a ``FusedDecoder`` already (saves rebuilding it per call). ``use_cache=False``: the ``Uncached`` baseline.
+    ``cache``: an empty cache of ch01's protocol (default: a ``KVCache`` sized to the generation)."""
     if fused and isinstance(model, GPT):
         from ch07.fused_decode import FusedDecoder
 
         model = FusedDecoder(model)
+    if not use_cache:
+        model = Uncached(model)
+    stops = () if eos_id is None else (eos_id,)
+    steps = list(
+        stream(model, prompt_ids, max_new_tokens, sampler=sampler, stop_ids=stops, generator=generator, cache=cache)
+    )
     device = next(model.parameters()).device
-    ids, pad_mask = left_pad(prompt_ids, pad_id, device)  # (B, T0), (B, T0) | None
-    B, T0 = ids.shape
-    total = T0 + max_new_tokens
-    if total > model.config.block_size:
-        raise ValueError(
-            f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}"
-        )
-    seq = torch.full((B, total), pad_id, dtype=torch.long, device=device)  # (B, total): prompt + generated
-    seq[:, :T0] = ids
-    mask = None
-    if pad_mask is not None:
-        mask = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, total)
-        mask[:, :T0] = pad_mask
-    need_context = sampler.repetition_penalty != 1.0
-    context = seq.masked_fill(~mask, -1) if (need_context and mask is not None) else seq  # padding ignored
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    if use_cache:
-        if cache is None:
-            cache = StaticKVCache.for_model(model, B, total)
-        cache.reset()
-        step_fn = compiled_decode_step() if compile_step else _decode_step
-        logits = model(ids, kv_cache=cache, start_pos=0, key_padding_mask=pad_mask)[:, -1, :]  # prefill: (B, V)
-    else:
-        logits = model(ids, key_padding_mask=pad_mask)[:, -1, :]
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        pos = T0 + n - 1  # where the new token goes
-        nxt = sampler(logits, context[:, :pos] if need_context else None, generator)  # (B,)
-        if eos_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-            finished |= nxt == eos_id
-        seq[:, pos] = nxt
-        if context is not seq:
-            context[:, pos] = nxt
-        if n == max_new_tokens or (eos_id is not None and bool(finished.all())):
-            break
-        step_mask = None if mask is None else mask[:, : pos + 1]
-        if use_cache:
-            logits = step_fn(model, seq[:, pos : pos + 1], cache, pos, step_mask)  # (B, V)
-        else:
-            logits = model(seq[:, : pos + 1], key_padding_mask=step_mask)[:, -1, :]  # whole prefix again
-    return seq[:, T0 : T0 + n]
+    if not steps:
+        return torch.zeros(_batch_size(prompt_ids), 0, dtype=torch.long, device=device)
+    out = torch.stack(steps, 1)  # (B, n): -1 once a row has stopped
+    return out if eos_id is None else out.masked_fill(out < 0, eos_id)
 
 
 def main(argv=None):
+    from ch01.model import GPTConfig
     from common.bench import markdown_table
     from common.cli import base_parser
     from common.seed import seed_everything
 
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], seed=True)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--prompt-len", type=int, default=16)
     args = p.parse_args(argv)
     seed_everything(args.seed)
-    from ch01.model import GPTConfig
-
     model = GPT(GPTConfig.preset("tiny", block_size=args.prompt_len + args.new_tokens)).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
     rows, outs = [], {}

@@ -180,7 +180,7 @@ def main(argv=None):
     from common.cli import base_parser
     from common.data import get_batch
 
-    p = base_parser("the ch01 mini-GPT in MLX: parity with torch, training steps, cached decoding")
+    p = base_parser("the ch01 mini-GPT in MLX: parity with torch, training steps, cached decoding", seed=True)
     p.add_argument("--new-tokens", type=int, default=48, help="prompt 16 + this must fit block_size 64")
     p.add_argument("--train-steps", type=int, default=20)
     args = p.parse_args(argv)

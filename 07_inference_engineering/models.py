@@ -13,14 +13,14 @@ the regime speculative decoding helps in), the draft 2 layers × 128 wide (0.4M)
 
 from __future__ import annotations
 
-import hashlib
-import json
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from ch01.model import GPT, GPTConfig
 from ch01.train import TrainConfig, prepare_data, train
-from common.data import cache_dir
+from common.data import fingerprint, keyed_cache_dir
 
 TARGET = dict(preset="medium", overrides=dict(block_size=640, n_embd=256, n_head=4), iters=400, batch_size=2)
 DRAFT = dict(preset="tiny", overrides=dict(block_size=640, n_embd=128), iters=600, batch_size=4)
@@ -32,8 +32,8 @@ def cached_char_model(
     """Train ``GPTConfig.preset(preset, **overrides)`` on char-level Shakespeare once; later calls load it."""
     tok, train_ids, val_ids = prepare_data("char")
     mcfg = GPTConfig.preset(preset, vocab_size=tok.vocab_size, **overrides)
-    key = json.dumps({"model": mcfg.to_dict(), "iters": iters, "batch": batch_size, "seed": seed}, sort_keys=True)
-    run_dir = cache_dir("ch07", f"{preset}-{iters}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+    key = {"model": mcfg.to_dict(), "iters": iters, "batch": batch_size, "seed": seed}
+    run_dir = keyed_cache_dir("ch07", f"{preset}-{iters}", key=key)
     model_dir = run_dir / "model"
     if (model_dir / "model.safetensors").exists():
         return GPT.load(model_dir).eval()
@@ -57,13 +57,14 @@ def cached_char_model(
 
 
 def greedy_continuations(target: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(n, P + new_tokens): each prompt row (n, P) followed by the target's greedy continuation (batched 16 at a time,
-    fused decoder: ~20-30 s for 64 × 320 tokens on one CPU core)."""
+    """(n, P + new_tokens): each prompt row (n, P) followed by the target's greedy continuation (ch01's generate on the
+    fused decoder, 16 rows at a time: ~20-30 s for 64 × 320 tokens on one CPU core)."""
+    from ch01.generate import generate
     from ch07.fused_decode import FusedDecoder
-    from ch07.kv_cache import generate
 
     fused = FusedDecoder(target)
-    return torch.cat([torch.cat([p, generate(fused, p, new_tokens)], 1) for p in prompts.split(16)])
+    new = [torch.tensor(generate(fused, p, new_tokens, temperature=0)) for p in prompts.split(16)]
+    return torch.cat([prompts, torch.cat(new)], 1)
 
 
 def distilled_draft(
@@ -80,56 +81,54 @@ def distilled_draft(
     """Fine-tune the draft to imitate the target where it will be used: minimise KL(p_target || p_draft) on the
     target's OWN greedy continuations of training-set prompts (on-policy knowledge distillation, DistillSpec, Zhou et
     al. 2023). Acceptance is 1 - TV(p, q) on the text being decoded, so a draft that agrees with THIS target on ITS
-    outputs is accepted more often than one that only fits the data: on the chapter's pair, greedy agreement on
-    held-out prompts went 0.78 (data-trained) -> 0.88 (distilled on data windows) -> 0.96 (on-policy). Cached."""
+    outputs is accepted more often than one that only fits the data. Training is ``ch01.train.train`` with the KL as
+    its ``loss_fn`` (the teacher runs on each batch) over the continuations laid end to end, in windows of one
+    continuation's length; constant learning rate after a short warm-up (Adam's first steps would undo the
+    pretraining), no weight decay. Cached, keyed by both models' weights and the settings."""
     _, train_ids, _ = prepare_data("char")
-    fingerprint = {
-        m: [round(v.double().sum().item(), 6) for v in model.state_dict().values()][:4]
-        for m, model in (("target", target), ("draft", draft))
-    }
-    key = json.dumps(
-        {
-            **fingerprint,
-            "iters": iters,
-            "batch": batch_size,
-            "n": n_sequences,
-            "new": new_tokens,
-            "lr": lr,
-            "seed": seed,
-            "data": "greedy-continuations",
-        },
-        sort_keys=True,
-    )
-    model_dir = cache_dir("ch07", f"distilled-{iters}-{hashlib.sha256(key.encode()).hexdigest()[:10]}") / "model"
+    settings = dict(iters=iters, batch=batch_size, n=n_sequences, new=new_tokens, lr=lr, seed=seed)
+    key = {"models": fingerprint(target, draft), **settings, "data": "greedy-continuations", "loop": "ch01.train"}
+    model_dir = keyed_cache_dir("ch07", f"distilled-{iters}", key=key) / "model"
     if (model_dir / "model.safetensors").exists():
         return GPT.load(model_dir).eval()
     if verbose:
         print(f"distilling the draft on {n_sequences} greedy continuations of the target ({new_tokens} tokens each)")
     starts = torch.randint(0, len(train_ids) - 64, (n_sequences,), generator=torch.Generator().manual_seed(seed))
-    data = greedy_continuations(target, torch.stack([train_ids[s : s + 64] for s in starts]), new_tokens)
-    with torch.no_grad():
-        p_log = torch.cat([target(x[:, :-1]).log_softmax(-1) for x in data.split(16)])  # (n, T, V), computed once
-    student = GPT(draft.config)
+    data = greedy_continuations(target, torch.stack([train_ids[s : s + 64] for s in starts]), new_tokens)  # (n, L)
+    target.eval()
+
+    def kl_to_target(model, x, y):  # x (B, T): a window of the target's own text; y unused
+        with torch.no_grad():
+            p_log = target(x).log_softmax(-1)  # (B, T, V)
+        q_log = model(x).log_softmax(-1)
+        return {"loss": F.kl_div(q_log.flatten(0, 1), p_log.flatten(0, 1), log_target=True, reduction="batchmean")}
+
+    student = GPT(replace(draft.config, block_size=data.shape[1] - 1))  # windows as long as one continuation
     student.load_state_dict(draft.state_dict())
-    student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    for it in range(iters):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (it + 1) / 20)  # short warm-up: Adam's first steps would undo the pretraining
-        rows = torch.randint(0, len(data), (batch_size,), generator=g)
-        q_log = student(data[rows, :-1]).log_softmax(-1)  # (B, T, V)
-        loss = torch.nn.functional.kl_div(
-            q_log.flatten(0, 1), p_log[rows].flatten(0, 1), log_target=True, reduction="batchmean"
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if verbose and (it % 50 == 0 or it == iters - 1):
-            print(f"distill {it}/{iters}: KL(target || draft) = {loss.item():.4f}", flush=True)
-    student.eval().save(model_dir)
-    return student
+    tc = TrainConfig(
+        max_iters=iters,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=lr,  # constant after the warm-up
+        warmup_iters=20,
+        weight_decay=0.0,
+        beta2=0.999,
+        eval_iters=0,
+        log_interval=50,
+        seed=seed,
+        batch_seed=seed,
+        device="cpu",
+        out_dir=None,
+        progress=verbose,
+    )
+    corpus = data.flatten()  # the continuations end to end
+    res = train(student, tc, corpus, corpus, loss_fn=kl_to_target)
+    if verbose:
+        print(f"distilled: KL(target || draft) {res['train_losses'][0]:.4f} -> {res['train_losses'][-1]:.4f}")
+    distilled = GPT(draft.config)  # back to the draft's own block_size (same weights: RoPE has no position table)
+    distilled.load_state_dict(student.state_dict())
+    distilled.eval().save(model_dir)
+    return distilled
 
 
 def data_trained_draft(verbose: bool = True) -> GPT:
@@ -160,7 +159,7 @@ def greedy_agreement(target: GPT, draft: GPT, val_ids: torch.Tensor, n_prompts: 
 
 
 def main(argv=None):
-    from ch01.pretrained import val_loss
+    from ch01.evaluate import evaluate_loss
     from common.cli import base_parser
 
     p = base_parser("train/cache the chapter's target and draft, distil the draft, report val loss and agreement")
@@ -170,7 +169,7 @@ def main(argv=None):
     t, d, _, val = decode_models()
     report = {}
     for name, m in (("target", t), ("data-trained draft", data_trained_draft(verbose=False)), ("distilled draft", d)):
-        loss = val_loss(m, val, batch_size=4, max_batches=5)
+        loss = evaluate_loss(m, val, batch_size=4, max_batches=5)
         agree = None if m is t else greedy_agreement(t, m, val)
         report[name] = {"params": m.num_params(), "val_loss": loss, "greedy_agreement": agree}
         extra = "" if agree is None else f", agrees with the target's greedy tokens on held-out prompts {agree:.3f}"

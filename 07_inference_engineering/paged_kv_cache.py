@@ -2,39 +2,40 @@
 
 API (what a continuous-batching server uses — chapter 08 builds on exactly this):
 
-    from ch07.paged_kv_cache import PagedKVCache, paged_forward
+    from ch07.paged_kv_cache import PagedKVCache
     cache = PagedKVCache(model.config, num_blocks=256, block_size=16)    # the whole KV memory, allocated once
 
     n_cached = cache.add_sequence("req-1", prompt_ids)   # register a request; returns how many prompt tokens are
                                                          # already cached (shared full blocks of an identical prefix)
-    logits = paged_forward(model, cache, {"req-1": prompt_ids[n_cached:]})   # prefill -> (1, V) last-token logits
+    logits = cache.run(model, {"req-1": prompt_ids[n_cached:]})          # prefill -> (1, V) last-token logits
     ...
     # every server step: ONE batched forward over all running sequences, one new token each (or a prompt chunk each);
     # every sequence has its own length and its own position
-    logits = paged_forward(model, cache, {"req-1": [tok1], "req-7": [tok7], "req-9": prompt9})  # (3, V), in dict order
+    logits = cache.run(model, {"req-1": [tok1], "req-7": [tok7], "req-9": prompt9})  # (3, V), in dict order
     cache.fork("req-1", "req-1b")   # parallel sampling / beams: share all blocks, copy-on-write on the next append
     cache.free("req-7")             # finished: its blocks go back to the pool (shared ones when their last user leaves)
-    # for the scheduler: admission and preemption decisions before a step (paged_forward raises OutOfBlocks otherwise,
+    # for the scheduler: admission and preemption decisions before a step (run raises OutOfBlocks otherwise,
     # leaving every sequence unchanged)
     cache.can_append(["req-1", ...], [1, ...])  cache.blocks_needed_new(len(prompt))  cache.num_free_blocks
     cache.length("req-1")  cache.block_table("req-1")
     # sampling per request: ch07.sampling.sample_rows(logits, [Sampler(...) per row], generated_ids, generators)
 
-``paged_forward(..., all_logits=True)`` returns (B, T, V) logits for every fed token (right-padded per row) instead.
+``run(..., all_logits=True)`` returns (B, T, V) logits for every fed token (right-padded per row) instead.
 Prefix sharing covers full blocks whose sequences are still alive: a block leaves the prefix table when its last user
 is freed (vLLM keeps such blocks as an evictable LRU cache; not done here). Sequences are capped at the model's
 block_size positions.
 
 How it works: the pool is one tensor per layer of shape (num_blocks · block_size, n_kv_heads, head_dim) — one row per
 token "slot". Sequence s's token at position p lives in slot ``table[s][p // block_size] · block_size + p % block_size``.
-A forward writes the new tokens' keys/values into their slots, then gathers each sequence's slots into a padded
-(B, n_kv_heads, S_max, head_dim) tensor and attends with a (causal & length) mask. vLLM's CUDA kernel reads the blocks
-in place instead of gathering; the arithmetic is the same, and the test checks the logits equal the model's own.
+There is no second forward: ``run`` builds right-padded tokens (B, T) and per-row positions (B, T) and calls the model's
+own ``forward(tokens, positions=..., cache=view)``. The view implements ch01's cache protocol
+(``update(layer, k, v, positions)``, ch01/cache.py): it writes the real new tokens' keys/values into their slots and
+returns each row's slots gathered into (B, n_kv_heads, S, head_dim), index j = position j, so ch01's mask ("key j is
+visible to a query at position p iff j <= p") is all the attention needs. vLLM's CUDA kernel reads the blocks in place
+instead of gathering; the arithmetic is the same, and the tests check the logits and tokens equal the model's own.
 Memory: a sequence holds ceil(len / block_size) blocks, so waste is < one block per sequence instead of the
 (max_seq_len − len) a contiguous preallocation reserves — the point of Kwon et al. 2023.
 
-The forward reuses the ch01 model's own modules (embedding, norms, projections, MLP, lm_head and its registered
-attention function); only the per-row positions and the paged storage differ from ``GPT.forward``.
 Run ``python 07_inference_engineering/paged_kv_cache.py`` for a simulated serving run (memory vs a static cache).
 Reference: Kwon et al. 2023, "Efficient Memory Management for LLM Serving with PagedAttention" (vLLM).
 """
@@ -46,8 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ch01.functional import apply_rope, rope_cache
-from ch01.model import GPT, GPTConfig, get_attention
+from ch01.model import GPT, GPTConfig
 
 
 @dataclass
@@ -131,7 +131,7 @@ class PagedKVCache:
     # ------------------------------------------------------------------------------------------- sequences
     def add_sequence(self, seq_id: Hashable, prompt_ids: Sequence[int] | torch.Tensor = ()) -> int:
         """Register a sequence; returns how many leading prompt tokens are already cached (whole shared blocks,
-        never the last prompt token, whose logits the caller needs). Feed ``prompt_ids[n:]`` to ``paged_forward``."""
+        never the last prompt token, whose logits the caller needs). Feed ``prompt_ids[n:]`` to ``run``."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id!r} already exists")
         s = self.seqs[seq_id] = _Seq()
@@ -193,98 +193,97 @@ class PagedKVCache:
         idx = self.slots(seq_id, torch.arange(self.length(seq_id))).to(self.k[layer].device)
         return self.k[layer][idx].transpose(0, 1)[None], self.v[layer][idx].transpose(0, 1)[None]
 
+    # ------------------------------------------------------------------------------------------- one forward
+    def _plan(self, seq_ids: list, new: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, _PagedView]:
+        """Right-padded tokens (B, T), their positions (B, T) (a pad repeats its row's last real position) and the
+        view that writes the real ones into their (already reserved) slots."""
+        B, T = len(seq_ids), max(len(n) for n in new)
+        ends = [self.length(s) + len(n) for s, n in zip(seq_ids, new)]
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        key_slots = torch.zeros(B, max(ends), dtype=torch.long)  # slot 0 past a row's end: hidden by the mask
+        write_rows, write_slots = [], []
+        for b, (s, n, end) in enumerate(zip(seq_ids, new, ends)):
+            start = end - len(n)
+            tokens[b, : len(n)] = torch.tensor(n)
+            positions[b] = (start + torch.arange(T)).clamp(max=end - 1)
+            slots = self.slots(s, torch.arange(end))
+            key_slots[b, :end] = slots
+            write_rows += range(b * T, b * T + len(n))
+            write_slots.append(slots[start:])
+        view = _PagedView(
+            self, torch.tensor(write_rows, device=device), torch.cat(write_slots).to(device), key_slots.to(device)
+        )
+        return tokens.to(device), positions.to(device), view
 
-@torch.no_grad()
-def paged_forward(
-    model: GPT, cache: PagedKVCache, batch: Mapping[Hashable, Sequence[int] | torch.Tensor], all_logits: bool = False
-) -> torch.Tensor:
-    """Append ``batch[seq_id]`` (n_i >= 1 tokens each) to every listed sequence in ONE forward.
+    @torch.no_grad()
+    def run(
+        self, model, batch: Mapping[Hashable, Sequence[int] | torch.Tensor], all_logits: bool = False
+    ) -> torch.Tensor:
+        """Append ``batch[seq_id]`` (n_i >= 1 tokens each) to every listed sequence in ONE forward of ``model`` (a ch01
+        ``GPT`` or anything with its contract, e.g. a ``FusedDecoder``): ``model(tokens, positions=, cache=view)``.
 
-    Returns the logits of each sequence's last new token (B, V) in the mapping's order, or (B, T_max, V) for all
-    new tokens (right-padded) with ``all_logits=True``."""
-    cfg = model.config
-    if not batch:
-        raise ValueError("empty batch")
-    seq_ids = list(batch)
-    new = [[int(t) for t in (batch[s].tolist() if isinstance(batch[s], torch.Tensor) else batch[s])] for s in seq_ids]
-    if any(len(n) == 0 for n in new):
-        raise ValueError("every sequence in the batch needs at least one new token")
-    starts = [cache.length(s) for s in seq_ids]
-    if max(st + len(n) for st, n in zip(starts, new)) > cfg.block_size:
-        raise ValueError(f"a sequence would exceed block_size={cfg.block_size}")
-    if not cache.can_append(seq_ids, [len(n) for n in new]):
-        raise OutOfBlocks(f"batch needs more KV blocks than the {cache.num_free_blocks} free")
-    for s, n in zip(seq_ids, new):
-        cache._reserve(s, len(n))
-    device = model.tok_emb.weight.device
-    B, T = len(seq_ids), max(len(n) for n in new)
-    S = max(st + len(n) for st, n in zip(starts, new))  # longest key range in the batch
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    write_rows, write_slots = [], []  # which (row, t) go to which pool slot
-    key_slots = torch.zeros(B, S, dtype=torch.long)  # pool slot of every key position (0 for padding)
-    key_valid = torch.zeros(B, S, dtype=torch.bool)
-    for b, (s, st, n) in enumerate(zip(seq_ids, starts, new)):
-        tokens[b, : len(n)] = torch.tensor(n)
-        positions[b] = st + torch.arange(T)  # padded rows get positions past the end; their keys are never written
-        slots = cache.slots(s, torch.arange(st + len(n)))
-        key_slots[b, : st + len(n)] = slots
-        key_valid[b, : st + len(n)] = True
-        write_rows += [b * T + t for t in range(len(n))]
-        write_slots.append(slots[st:])
-    write_rows_t = torch.tensor(write_rows, device=device)
-    write_slots_t = torch.cat(write_slots).to(device)
-    key_slots, positions = key_slots.to(device), positions.to(device)
-    # (B, 1, T, S): key s is visible to query t if it exists and is not in the future; padded queries see all keys
-    mask = (key_valid.to(device)[:, None, :] & (torch.arange(S, device=device) <= positions[:, :, None]))[:, None]
-    mask = mask | (key_valid.to(device)[:, None, None, :] & ~mask.any(-1, keepdim=True))
-    x = model.tok_emb(tokens.to(device))  # (B, T, C)
-    rope_cs = None
-    if cfg.pos_emb == "learned":
-        x = x + model.pos_emb(positions)
-    else:
-        cos, sin = rope_cache(cfg.head_dim, positions.flatten(), cfg.rope_theta)  # (B·T, D)
-        rope_cs = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # broadcast over heads
-    attend = get_attention(cfg.attn_impl)
-    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    for layer, block in enumerate(model.blocks):
-        a = block.attn
-        h = block.attn_norm(x)
-        q = a.wq(h).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = a.wk(h).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = a.wv(h).view(B, T, Hkv, D)  # (B, T, Hkv, D)
-        if rope_cs is not None:
-            q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
-        kp, vp = cache.k[layer], cache.v[layer]  # (slots, Hkv, D)
-        kp[write_slots_t] = k.transpose(1, 2).reshape(B * T, Hkv, D)[write_rows_t].to(kp.dtype)
-        vp[write_slots_t] = v.reshape(B * T, Hkv, D)[write_rows_t].to(vp.dtype)
-        keys = kp[key_slots].transpose(1, 2).to(q.dtype)  # (B, Hkv, S, D)
-        values = vp[key_slots].transpose(1, 2).to(q.dtype)
-        if Hkv != H:
-            keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)  # (B, H, S, D)
-        y = attend(q, keys, values, causal=False, attn_mask=mask)  # (B, H, T, D)
-        x = x + a.wo(y.transpose(1, 2).reshape(B, T, H * D))
-        x = x + block.mlp(block.mlp_norm(x))
-    for s, st, n in zip(seq_ids, starts, new):
-        cache.seqs[s].tokens.extend(n)
-        if cache.prefix_caching:
-            cache._register_full_blocks(s, st)
-    if all_logits:
-        return model.lm_head(model.norm(x))  # (B, T, V)
-    last = torch.tensor([len(n) - 1 for n in new], device=device)
-    return model.lm_head(model.norm(x[torch.arange(B, device=device), last]))  # (B, V)
+        Returns the logits of each sequence's last new token (B, V) in the mapping's order, or (B, T_max, V) for all
+        new tokens (right-padded) with ``all_logits=True``. Raises ``OutOfBlocks`` (every sequence unchanged) when the
+        pool cannot hold the new tokens."""
+        if not batch:
+            raise ValueError("empty batch")
+        seq_ids = list(batch)
+        new = [
+            [int(t) for t in (batch[s].tolist() if isinstance(batch[s], torch.Tensor) else batch[s])] for s in seq_ids
+        ]
+        if any(len(n) == 0 for n in new):
+            raise ValueError("every sequence in the batch needs at least one new token")
+        starts = [self.length(s) for s in seq_ids]
+        if max(st + len(n) for st, n in zip(starts, new)) > model.config.block_size:
+            raise ValueError(f"a sequence would exceed block_size={model.config.block_size}")
+        if not self.can_append(seq_ids, [len(n) for n in new]):
+            raise OutOfBlocks(f"batch needs more KV blocks than the {self.num_free_blocks} free")
+        for s, n in zip(seq_ids, new):
+            self._reserve(s, len(n))
+        device = next(model.parameters()).device
+        tokens, positions, view = self._plan(seq_ids, new, device)
+        logits = model(tokens, positions=positions, cache=view)  # (B, T, V)
+        for s, st, n in zip(seq_ids, starts, new):
+            self.seqs[s].tokens.extend(n)
+            if self.prefix_caching:
+                self._register_full_blocks(s, st)
+        if all_logits:
+            return logits
+        last = torch.tensor([len(n) - 1 for n in new], device=device)
+        return logits[torch.arange(len(new), device=device), last]  # (B, V)
+
+
+class _PagedView:
+    """One forward's window onto the pool: ch01's cache protocol for a batch of sequences (built by ``PagedKVCache.run``).
+
+    write_rows / write_slots: which flattened (row · T + t) new tokens are real and the pool slot each goes to;
+    key_slots (B, S): the pool slot of position j of row b (any slot past a row's length: the mask hides it)."""
+
+    def __init__(
+        self, cache: PagedKVCache, write_rows: torch.Tensor, write_slots: torch.Tensor, key_slots: torch.Tensor
+    ):
+        self.cache, self.write_rows, self.write_slots, self.key_slots = cache, write_rows, write_slots, key_slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        B, Hkv, T, D = k.shape
+        kp, vp = self.cache.k[layer], self.cache.v[layer]  # (slots, Hkv, D)
+        kp[self.write_slots] = k.transpose(1, 2).reshape(B * T, Hkv, D)[self.write_rows].to(kp.dtype)
+        vp[self.write_slots] = v.transpose(1, 2).reshape(B * T, Hkv, D)[self.write_rows].to(vp.dtype)
+        keys = kp[self.key_slots].transpose(1, 2).to(k.dtype)  # (B, Hkv, S, D): index j = position j
+        return keys, vp[self.key_slots].transpose(1, 2).to(v.dtype)
 
 
 def main(argv=None):
     """Simulated serving run: requests of random lengths join and leave a running batch (continuous batching)."""
     import time
 
-    from ch07.kv_cache import generate
+    from ch01.generate import generate
     from common.bench import markdown_table
     from common.cli import base_parser
     from common.seed import seed_everything
 
-    p = base_parser("paged KV cache: continuous batching of random requests on a tiny model")
+    p = base_parser("paged KV cache: continuous batching of random requests on a tiny model", seed=True)
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--max-batch", type=int, default=6)
     p.add_argument("--block-size", type=int, default=16)
@@ -313,7 +312,7 @@ def main(argv=None):
             cache.add_sequence(r)
             running[r], outputs[r] = list(reqs[r][0]), []
         feed = {r: (toks if not outputs[r] else toks[-1:]) for r, toks in running.items()}
-        logits = paged_forward(model, cache, feed)
+        logits = cache.run(model, feed)
         steps += 1
         peak_blocks = max(peak_blocks, args.num_blocks - cache.num_free_blocks)
         for r, nxt in zip(feed, logits.argmax(-1).tolist()):
@@ -324,7 +323,7 @@ def main(argv=None):
                 del running[r]
     dt = time.perf_counter() - t0
     n_tokens = sum(len(o) for o in outputs.values())
-    same = all(generate(model, reqs[r][0], reqs[r][1])[0].tolist() == outputs[r] for r in range(len(reqs)))
+    same = all(generate(model, [reqs[r][0]], reqs[r][1], temperature=0)[0] == outputs[r] for r in range(len(reqs)))
     kv_per_token = 2 * model.config.n_layer * model.config.n_kv_head * model.config.head_dim * 4
     longest = max(len(pr) + n for pr, n in reqs)
     rows = [

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ch01.model import filter_logits
+from ch01.generate import filter_logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, generated_ids: torch.Tensor | None, penalty: float) -> torch.Tensor:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ch01.generate import generate
 from ch08.export_onnx import (
     DecodeGraph,
     export_decode,
     export_full,
+    graphs_dir,
     ort_decode,
     ort_greedy,
     ort_session,
@@ -25,12 +27,11 @@ from ch08.export_onnx import (
 )
 from common.bench import hardware_info, markdown_table, timeit
 from common.cli import base_parser
-from common.data import cache_dir
 from common.plot import assets_dir, bar_plot
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], seed=True)
     p.add_argument("--preset", default="small")
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16, help="sequences in the batch forward")
@@ -38,6 +39,38 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens for the generation row")
     p.add_argument("--repeats", type=int, default=20)
     return p.parse_args(argv)
+
+
+def sessions(model, name: str, threads: int):
+    """ORT sessions of the full graph, the decode graph and the int8 full graph (exported once per weights)."""
+    out = graphs_dir(model, name)  # shared with export_onnx.py's default run
+    full_path, dec_path, q_path = out / "model.onnx", out / "decode.onnx", out / "model.int8.onnx"
+    if not full_path.exists():
+        export_full(model, full_path)
+    if not dec_path.exists():
+        export_decode(model, dec_path)
+    if not q_path.exists():
+        quantize_int8(full_path, q_path)
+    return tuple(ort_session(p, threads) for p in (full_path, dec_path, q_path))
+
+
+def table_rows(timings: dict, tokens: dict) -> list[dict]:
+    """{"<workload> <engine>": Timing} -> rows with medians, tokens/s and the speedup over torch on that workload."""
+    rows = []
+    for name, timing in timings.items():
+        kind, engine = name.split(" ", 1)
+        base = timings[f"{kind} torch"].median
+        rows.append(
+            {
+                "workload": kind,
+                "engine": engine,
+                "median_ms": timing.median * 1e3,
+                "p90_ms": timing.p90 * 1e3,
+                "tokens_per_s": tokens[kind] / timing.median,
+                "speedup_vs_torch": base / timing.median,
+            }
+        )
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -48,16 +81,7 @@ def main(argv=None) -> dict:
     model, tok, _ = pretrained_char_model(args.preset, args.iters)
     model = model.float().eval()
     cfg, threads = model.config, torch.get_num_threads()
-    out = cache_dir("onnx", f"{args.preset}-{args.iters}")
-    full_path, dec_path = out / "model.onnx", out / "decode.onnx"
-    if not full_path.exists():
-        export_full(model, full_path)
-    if not dec_path.exists():
-        export_decode(model, dec_path)
-    q_path = out / "model.int8.onnx"
-    if not q_path.exists():
-        quantize_int8(full_path, q_path)
-    full, dec, q = (ort_session(p, threads) for p in (full_path, dec_path, q_path))
+    full, dec, q = sessions(model, f"{args.preset}-{args.iters}", threads)
     graph = DecodeGraph(model).eval()
 
     x = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size))  # (B, T)
@@ -69,13 +93,8 @@ def main(argv=None) -> dict:
     prompt = torch.tensor([tok.encode("ROMEO:\n")])
     n_new = min(args.new_tokens, cfg.block_size - prompt.shape[1])
 
-    def torch_greedy():  # the same cached decode loop as ort_greedy, in eager torch
-        ids, cache, step = prompt, [t[:1, :, :0] for t in past], prompt
-        for _ in range(n_new):
-            out = graph(step, torch.ones(1, cache[0].shape[2] + step.shape[1], dtype=torch.long), *cache)
-            cache, step = list(out[1:]), out[0][:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, step], 1)
-        return ids
+    def torch_greedy():  # ch01's cached decoding loop; ort_greedy runs the ORT graph through the same loop
+        return generate(model, prompt, n_new, temperature=0.0)
 
     kw = dict(warmup=3, repeats=args.repeats)
     with torch.inference_mode():
@@ -90,26 +109,13 @@ def main(argv=None) -> dict:
                 lambda: ort_greedy(dec, model, prompt, n_new), warmup=1, repeats=max(3, args.repeats // 4)
             ),
         }
-        assert torch.equal(torch_greedy(), ort_greedy(dec, model, prompt, n_new))
+        assert torch_greedy()[0] == ort_greedy(dec, model, prompt, n_new)[0, prompt.shape[1] :].tolist()
         diff = float(np.abs(full.run(None, {"input_ids": x.numpy()})[0] - model(x).numpy()).max())
-    tokens = {"forward": args.batch * cfg.block_size, "decode": B, "greedy": n_new}
-    rows = []
-    for name, timing in t.items():
-        kind, engine = name.split(" ", 1)
-        base = t[f"{kind} torch"].median
-        rows.append(
-            {
-                "workload": kind,
-                "engine": engine,
-                "median_ms": timing.median * 1e3,
-                "p90_ms": timing.p90 * 1e3,
-                "tokens_per_s": tokens[kind] / timing.median,
-                "speedup_vs_torch": base / timing.median,
-            }
-        )
+    rows = table_rows(t, {"forward": args.batch * cfg.block_size, "decode": B, "greedy": n_new})
     print(
         f"{hardware_info()}; ORT threads {threads}; {args.preset} model; forward = {args.batch} x {cfg.block_size} "
-        f"tokens; decode = 1 token x {B} sequences after {P} cached; greedy = {n_new} tokens, batch 1\n"
+        f"tokens; decode = 1 token x {B} sequences after {P} cached; greedy = {n_new} tokens, batch 1, "
+        "ch01's decoding loop\n"
     )
     print(markdown_table(rows, floatfmt=".2f"))
     print(f"\nmax |logits ORT - torch| = {diff:.2e}")

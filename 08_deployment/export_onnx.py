@@ -17,6 +17,7 @@ References: ONNX (onnx.ai), onnxruntime (onnxruntime.ai), torch.onnx dynamo expo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +27,31 @@ import torch.nn.functional as F
 from ch01.model import GPT, register_attention
 from common.bench import markdown_table
 from common.cli import base_parser
-from common.data import cache_dir
+from common.data import keyed_cache_dir
 
 OPSET = 18
+GRAPHS_VERSION = 2  # 2: the decode graph through ch01's cache protocol (issue 18)
+
+
+def graphs_dir(model: GPT, name: str) -> Path:
+    """The cache folder for ``model``'s exported graphs, keyed by its config and weights (and the graphs' version)."""
+    return keyed_cache_dir("onnx", name, key=(GRAPHS_VERSION, model.config.to_dict(), model))
 
 
 class ExplicitPastCache:
-    """ch01 KV-cache protocol over caller-supplied past tensors: returns past ⊕ new and records the result."""
+    """ch01's cache protocol over caller-supplied past tensors (the decode graph's ``past_*`` inputs).
+
+    ``length`` = the past length P, so ``GPT.forward`` places the new tokens at positions P … P+T-1 in every row and
+    ``update`` is an append: past ⊕ new holds position j at index j, as the protocol asks. It records the result as the
+    graph's ``present_*`` outputs."""
 
     def __init__(self, past_k: list[torch.Tensor], past_v: list[torch.Tensor]):
         self.past_k, self.past_v = past_k, past_v
+        self.length = past_k[0].shape[2]
         self.present_k: list[torch.Tensor | None] = [None] * len(past_k)
         self.present_v: list[torch.Tensor | None] = [None] * len(past_v)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         self.present_k[layer] = torch.cat([self.past_k[layer], k], dim=2)  # (B, Hkv, P+T, D)
         self.present_v[layer] = torch.cat([self.past_v[layer], v], dim=2)
         return self.present_k[layer], self.present_v[layer]
@@ -48,7 +60,9 @@ class ExplicitPastCache:
 class DecodeGraph(torch.nn.Module):
     """(input_ids, attention_mask, *past k/v per layer) -> (logits, *present k/v per layer): the exported decode step.
 
-    The serving engine also runs this module eagerly as its torch backend, so both backends share one signature.
+    ch01's own forward with an ``ExplicitPastCache``; ``attention_mask`` (B, P+T), 0 = a padding key, is ANDed into
+    ch01's mask (a new token always sees itself, so a padded query has a key and gives no NaN). The serving engine also
+    runs this module eagerly as its torch backend, so both backends share one signature.
     """
 
     def __init__(self, model: GPT):
@@ -57,9 +71,11 @@ class DecodeGraph(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         cache = ExplicitPastCache(list(past[0::2]), list(past[1::2]))
-        logits = self.model(
-            input_ids, kv_cache=cache, start_pos=past[0].shape[2], key_padding_mask=attention_mask.bool()
-        )  # (B, T, V)
+        P, T = past[0].shape[2], input_ids.shape[1]
+        keys = torch.arange(P + T, device=input_ids.device)
+        own = keys == torch.arange(P, P + T, device=input_ids.device)[:, None]  # (T, P+T): query t's own key
+        visible = attention_mask.bool()[:, None, None, :] | own  # (B, 1, T, P+T)
+        logits = self.model(input_ids, cache=cache, attn_mask=visible)  # (B, T, V)
         present = [t for kv in zip(cache.present_k, cache.present_v) for t in kv]
         return (logits, *present)
 
@@ -134,7 +150,7 @@ def export_decode(model: GPT, path: str | Path) -> Path:
     past = [torch.zeros(B, cfg.n_kv_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     in_names = ["input_ids", "attention_mask", *past_names(cfg.n_layer, "past")]
     out_names = ["logits", *past_names(cfg.n_layer, "present")]
-    # torch.export: symbolic dims need upper bounds (the model checks start_pos + T <= block_size)
+    # torch.export: symbolic dims need upper bounds (the model checks past + T <= block_size)
     batch, seq, plen = Dim("batch", max=4096), Dim("seq", max=cfg.block_size), Dim("past", max=cfg.block_size)
     shapes = {
         "input_ids": {0: batch, 1: seq},
@@ -172,29 +188,60 @@ def ort_decode(session, input_ids: np.ndarray, attention_mask: np.ndarray, past:
     return out[0], out[1:]
 
 
+@dataclass
+class OrtPast:
+    """The caller-held KV cache of the decode graph: the previous call's ``present_*`` arrays, fed back as ``past_*``."""
+
+    arrays: list[np.ndarray]
+
+    @classmethod
+    def empty(cls, cfg, batch: int) -> OrtPast:
+        return cls([np.zeros((batch, cfg.n_kv_head, 0, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)])
+
+    @property
+    def length(self) -> int:
+        return self.arrays[0].shape[2]
+
+
+class OrtDecoder:
+    """The decode graph in onnxruntime as a model for ch01's decoding loop (``ch01.generate``): ``__call__(idx,
+    cache=OrtPast)`` runs one graph call, continuing every row from the past length (the graph's semantics)."""
+
+    def __init__(self, session, config):
+        self.session, self.config = session, config
+
+    def parameters(self):  # ch01.generate reads the device from here
+        yield torch.empty(0)
+
+    def __call__(self, idx: torch.Tensor, *, positions=None, cache: OrtPast | None = None) -> torch.Tensor:
+        if positions is not None:
+            raise ValueError("the decode graph continues all rows from the past length: no per-row positions")
+        cache = cache if cache is not None else OrtPast.empty(self.config, idx.shape[0])
+        ids = idx.cpu().numpy().astype(np.int64)  # (B, T)
+        mask = np.ones((ids.shape[0], cache.length + ids.shape[1]), dtype=np.int64)
+        logits, cache.arrays = ort_decode(self.session, ids, mask, cache.arrays)
+        return torch.from_numpy(logits)  # (B, T, V)
+
+
 def ort_greedy(session, model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the decode graph and an explicit, caller-held KV cache: prefill, then one token a step."""
-    ids = prompt.numpy().astype(np.int64)  # (B, T)
-    past = [t.numpy() for t in empty_past(model, ids.shape[0])]
-    out, step_in = ids, ids
-    for _ in range(max_new_tokens):
-        mask = np.ones((ids.shape[0], past[0].shape[2] + step_in.shape[1]), dtype=np.int64)
-        logits, past = ort_decode(session, step_in, mask, past)
-        step_in = logits[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
-        out = np.concatenate([out, step_in], axis=1)
-    return torch.from_numpy(out)
+    """Greedy decoding with the decode graph and a caller-held KV cache, by ch01's decoding loop: (B, T0 + n) ids."""
+    from ch01.generate import generate
+
+    B = prompt.shape[0]
+    new = generate(
+        OrtDecoder(session, model.config), prompt, max_new_tokens, temperature=0.0, cache=OrtPast.empty(model.config, B)
+    )
+    return torch.cat([prompt, torch.tensor(new, dtype=torch.long).reshape(B, max_new_tokens)], dim=1)
 
 
 def ort_val_loss(session, val_ids: torch.Tensor, block_size: int, batch_size: int = 32, max_batches: int = 20) -> float:
-    """ch01.pretrained.val_loss's windows, scored with the full-sequence ORT graph."""
-    n_windows = min((len(val_ids) - 1) // block_size, batch_size * max_batches)
-    starts = torch.arange(n_windows) * block_size
-    total = 0.0
-    for i in range(0, n_windows, batch_size):
-        w = val_ids[starts[i : i + batch_size, None] + torch.arange(block_size + 1)]  # (B, T+1)
-        logits = torch.from_numpy(session.run(None, {"input_ids": w[:, :-1].numpy()})[0])  # (B, T, V)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item() * len(w)
-    return total / n_windows
+    """``ch01.evaluate.evaluate_loss`` (the same windows as for the torch model), scored with the full-sequence graph."""
+    from ch01.evaluate import evaluate_loss
+
+    def logits(x: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return torch.from_numpy(session.run(None, {"input_ids": x.long().cpu().numpy()})[0])
+
+    return evaluate_loss(logits, val_ids, batch_size, max_batches, block_size=block_size)
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
@@ -205,7 +252,7 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], seed=True, out=True)
     p.add_argument("--preset", default="small", help="ch01 preset of the pretrained char model")
     p.add_argument("--iters", type=int, default=2000, help="training iterations of the cached pretrained model")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared between ORT and torch")
@@ -214,13 +261,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from ch01.pretrained import pretrained_char_model, val_loss
+    from ch01.evaluate import evaluate_loss
+    from ch01.pretrained import pretrained_char_model
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tok, (_, val_ids) = pretrained_char_model(args.preset, args.iters)
     model = model.float().eval()
-    out = Path(args.out) if args.out else cache_dir("onnx", f"{args.preset}-{args.iters}")
+    out = Path(args.out) if args.out else graphs_dir(model, f"{args.preset}-{args.iters}")
     t0 = time.perf_counter()
     full_path, dec_path = export_full(model, out / "model.onnx"), export_decode(model, out / "decode.onnx")
     export_s = time.perf_counter() - t0
@@ -251,7 +299,7 @@ def main(argv=None) -> dict:
     }
     if not args.no_quantize:
         q_path = quantize_int8(full_path, out / "model.int8.onnx")
-        fp32_loss, ort_loss = val_loss(model, val_ids), ort_val_loss(full, val_ids, model.config.block_size)
+        fp32_loss, ort_loss = evaluate_loss(model, val_ids), ort_val_loss(full, val_ids, model.config.block_size)
         int8_loss = ort_val_loss(ort_session(q_path), val_ids, model.config.block_size)
         # the dynamo exporter stores weights as external data (model.onnx.data next to model.onnx): count both
         size = lambda p: sum(f.stat().st_size for f in (Path(p), Path(f"{p}.data")) if f.exists()) / 2**20

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ch07.sampling import Sampler
-from ch08.engine import Engine
+from ch08.engine import Engine, PagedEngine
 from ch08.metrics import Metrics
 
 log = logging.getLogger("ch08.scheduler")
@@ -61,7 +61,7 @@ class GenRequest:
 class Scheduler:
     def __init__(
         self,
-        engine: Engine,
+        engine: PagedEngine | Engine,
         tokenizer,
         metrics: Metrics | None = None,
         max_queue: int = 1024,

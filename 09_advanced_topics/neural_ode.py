@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ch09.paths import plot_dir
+from common.bench import markdown_table
 from common.cli import base_parser
 from common.plot import save_fig
 from common.seed import seed_everything
@@ -204,7 +205,7 @@ class ODEFunc(nn.Module):
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True, out=True)
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--method", default="dopri5", choices=["rk4", "dopri5"])
     p.add_argument("--adjoint", action="store_true", help="gradients by the adjoint method instead of backprop")
@@ -252,12 +253,16 @@ def main(argv=None) -> dict:
     ax.legend()
     mode = "adjoint" if args.adjoint else "backprop"
     plot = save_fig(fig, plot_dir(args.out, __file__) / f"spiral_{args.method}_{mode}.png")
-    print(
-        f"\n| solver | gradients | iters | final trajectory L1 | NFE / iter forward | NFE / iter backward | time (s) |"
-        f"\n|---|---|---|---|---|---|---|\n| {args.method} | {'adjoint' if args.adjoint else 'backprop'} | {args.iters} "
-        f"| {history[-1][1]:.4f} | {sum(nfe) / len(nfe):.1f} | {sum(nfe_bwd) / len(nfe_bwd):.1f} | {elapsed:.1f} |"
-        f"\nplot: {plot}"
-    )
+    row = {
+        "solver": args.method,
+        "gradients": mode,
+        "iters": args.iters,
+        "final trajectory L1": f"{history[-1][1]:.4f}",
+        "NFE / iter forward": f"{sum(nfe) / len(nfe):.1f}",
+        "NFE / iter backward": f"{sum(nfe_bwd) / len(nfe_bwd):.1f}",
+        "time (s)": f"{elapsed:.1f}",
+    }
+    print(f"\n{markdown_table([row])}\nplot: {plot}")
     return {"history": history, "final_l1": history[-1][1], "nfe": nfe, "nfe_backward": nfe_bwd, "time_s": elapsed}
 
 

@@ -11,7 +11,7 @@ head of a ch01 ``GPT``; they differ in how they go from embeddings to the final 
   untied x L     the usual L distinct blocks      (L blocks; the reference with L times the block parameters)
 
 Trained on tiny-shakespeare (characters) with the same steps and batches; we report val loss (ch01's deterministic
-``val_loss``), NFE per forward, parameters and time.
+``evaluate_loss``), NFE per forward, parameters and time.
 
     python 09_advanced_topics/ode_transformer.py                  # ~3 min on 2 idle CPU cores
     python 09_advanced_topics/ode_transformer.py --iters 1000 --depth 6 --rk4-steps 3
@@ -22,34 +22,33 @@ Lan et al. 2020 (ALBERT weight sharing); Dehghani et al. 2019 (Universal Transfo
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch01.functional import cosine_lr, rope_cache
-from ch01.model import GPT, GPTConfig
-from ch01.pretrained import val_loss
-from ch01.train import TrainConfig, make_optimizer, prepare_data
+from ch01.evaluate import evaluate_loss
+from ch01.functional import rope_cache
+from ch01.model import GPT, GPTConfig, attention_mask
+from ch01.train import TrainConfig, prepare_data, train
 from ch09.neural_ode import Counter, odeint, odeint_adjoint
 from ch09.paths import plot_dir
+from common.bench import markdown_table
 from common.cli import base_parser
-from common.data import get_batch
 from common.plot import line_plot
 from common.seed import seed_everything
 
 
 class BlockField(nn.Module):
-    """f(t, x) = Block(x) - x, computed as the block's two residual branches (exactly, without the subtraction)."""
+    """f(t, x) = Block(x) - x, computed as the block's two residual branches (exactly, without the subtraction).
+    ``rope_cs`` / ``mask``: the RoPE tables and attention mask of the current input, set by ``DepthGPT.forward``."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        self.block, self.rope_cs = block, None
+        self.block, self.rope_cs, self.mask = block, None, None
 
     def forward(self, t, x):
         b = self.block
-        a = b.attn(b.attn_norm(x), self.rope_cs, None, 0, None)  # (B, T, C)
+        a = b.attn(b.attn_norm(x), self.rope_cs, None, None, self.mask)  # (B, T, C)
         return a + b.mlp(b.mlp_norm(x + a))  # (B, T, C)
 
 
@@ -82,9 +81,10 @@ class DepthGPT(nn.Module):
     def forward(self, idx):
         cfg = self.config
         x = self.gpt.tok_emb(idx)  # (B, T, C)
-        self.field.func.rope_cs = rope_cache(
-            cfg.head_dim, torch.arange(idx.shape[1], device=idx.device), cfg.rope_theta
-        )
+        pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        field = self.field.func  # ch01's Attention applies RoPE from these tables, as in GPT.forward
+        field.rope_cs = rope_cache(cfg.head_dim, pos, cfg.rope_theta)
+        field.mask = attention_mask(pos, idx.shape[1], None, None)  # plain causal
         if self.method == "euler":  # weight-tied discrete stack: x <- x + f(x), ``steps`` times
             for _ in range(self.steps):
                 x = x + self.field(0.0, x)
@@ -107,38 +107,39 @@ class PlainGPT(GPT):
 
 
 def train_one(model, train_ids, val_ids, iters: int, batch_size: int, lr: float, seed: int) -> dict:
-    tc = TrainConfig(lr=lr, weight_decay=0.1)
-    opt = make_optimizer(model, tc)
-    gen = torch.Generator().manual_seed(seed)  # same batches for every model
-    t0, curve = time.perf_counter(), []
-    for it in range(iters):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(it, lr, lr / 10, max(1, iters // 10), iters)
-        x, y = get_batch(train_ids, batch_size, model.config.block_size, generator=gen)
-        loss = model.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(loss.item())
-    train_s = time.perf_counter() - t0
-    model.eval()
+    """ch01's training loop (AdamW, warm-up + cosine to lr/10, clip 1.0; batches drawn from a generator seeded with
+    ``seed``: the same batches for every model), then val loss and the NFE of one forward."""
+    tc = TrainConfig(
+        max_iters=iters,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_iters=max(1, iters // 10),
+        weight_decay=0.1,
+        grad_clip=1.0,
+        eval_iters=0,  # no evaluation during training
+        seed=seed,
+        batch_seed=seed,
+        device="cpu",
+        out_dir=None,
+        progress=False,
+    )
+    res = train(model, tc, train_ids, val_ids)
     if isinstance(model, DepthGPT):
         model.field.nfe = 0
-    with torch.no_grad():
-        vl = val_loss(model, val_ids, batch_size=32, max_batches=10)
-        nfe = model.field.nfe / 10 if isinstance(model, DepthGPT) else model.nfe_per_forward
+    vl = evaluate_loss(model, val_ids, batch_size=32, max_batches=10)
+    nfe = model.field.nfe / 10 if isinstance(model, DepthGPT) else model.nfe_per_forward
     return {
         "val_loss": vl,
         "nfe": nfe,
-        "train_s": train_s,
-        "curve": curve,
+        "train_s": res["train_time_s"],
+        "curve": res["train_losses"],
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True, out=True)
     p.add_argument("--iters", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -169,9 +170,17 @@ def main(argv=None) -> dict:
         r = results[name]
         print(f"{name}: val {r['val_loss']:.4f}, NFE {r['nfe']:.1f}, {r['train_s']:.0f} s")
     print(f"\ntiny-shakespeare chars, C={args.n_embd}, T={args.block_size}, {args.iters} steps x {args.batch_size}")
-    print("| model | params | val loss | NFE / forward | train time (s) |\n|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['params']:,} | {r['val_loss']:.4f} | {r['nfe']:.1f} | {r['train_s']:.0f} |")
+    rows = [
+        {
+            "model": name,
+            "params": f"{r['params']:,}",
+            "val loss": f"{r['val_loss']:.4f}",
+            "NFE / forward": f"{r['nfe']:.1f}",
+            "train time (s)": f"{r['train_s']:.0f}",
+        }
+        for name, r in results.items()
+    ]
+    print(markdown_table(rows))
     smooth = {
         n: (range(len(r["curve"]))[9:], [sum(r["curve"][i - 9 : i + 1]) / 10 for i in range(9, len(r["curve"]))])
         for n, r in results.items()

@@ -23,6 +23,7 @@ from ch09.arith_tasks import Problem, make_splits
 from ch09.paths import plot_dir
 from ch09.sandbox import run_many
 from ch09.seq2seq import finetune, greedy_complete, task_model, task_tokenizer
+from common.bench import markdown_table
 from common.cli import base_parser
 from common.plot import bar_plot
 from common.seed import seed_everything
@@ -60,7 +61,7 @@ def evaluate(model, tok, problems: list[Problem], method: str, max_new_tokens: i
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True, out=True)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--max-value", type=int, default=20, help="numbers are drawn from [2, max_value]")
@@ -94,18 +95,21 @@ def main(argv=None) -> dict:
         ev.update(train_s=train_s, eval_s=time.perf_counter() - t0, final_loss=sum(losses[-20:]) / 20)
         results[method] = ev
         rows.append(
-            f"| {method} | {100 * ev['accuracy']:.1f}% | {100 * ev['valid']:.1f}% | {ev['final_loss']:.3f} "
-            f"| {train_s:.0f} | {ev['eval_s']:.1f} |"
+            {
+                "method": method,
+                "exact match": f"{100 * ev['accuracy']:.1f}%",
+                "parsable / ran ok": f"{100 * ev['valid']:.1f}%",
+                "final train loss": f"{ev['final_loss']:.3f}",
+                "train (s)": f"{train_s:.0f}",
+                "eval (s)": f"{ev['eval_s']:.1f}",
+            }
         )
     print(
         f"\nheld-out split: {args.split} ({len(test)} problems, numbers in [2, {args.max_value}]), "
         f"{args.iters} steps x {args.batch_size}, {sum(q.numel() for q in model.parameters()):,} params, "
         f"program style: {args.program_style}"
     )
-    print(
-        "| method | exact match | parsable / ran ok | final train loss | train (s) | eval (s) |\n|---|---|---|---|---|---|"
-    )
-    print("\n".join(rows))
+    print(markdown_table(rows))
     print("\nexamples (problem | direct | PAL program -> value | truth):")
     for i, q in enumerate(test[:5]):
         print(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ch09.arith_tasks import Problem, make_problems
 from ch09.paths import plot_dir
 from ch09.seq2seq import finetune, greedy_complete, task_model, task_tokenizer
+from common.bench import markdown_table
 from common.cli import base_parser
 from common.plot import line_plot
 from common.seed import seed_everything
@@ -78,7 +79,7 @@ def accuracy(model, tok, problems: list[Problem], max_new_tokens: int = 40) -> f
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, seed=True, out=True)
     p.add_argument("--n-seed", type=int, default=300, help="problems with gold rationales")
     p.add_argument("--n-pool", type=int, default=500, help="problems with answers only")
     p.add_argument("--n-test", type=int, default=200)
@@ -115,8 +116,14 @@ def main(argv=None) -> dict:
         finetune(control, tok, seed_pairs, args.iters, args.batch_size, args.lr / 2, seed=args.seed + r)
         control_acc.append(accuracy(control, tok, test))
         rows.append(
-            f"| {r} | {stats.correct}/{len(pool)} | {stats.rationalized} | {len(stats.kept)} | "
-            f"{100 * star_acc[-1]:.1f}% | {100 * control_acc[-1]:.1f}% |"
+            {
+                "round": r,
+                "pool solved (no hint)": f"{stats.correct}/{len(pool)}",
+                "rationalised": stats.rationalized,
+                "kept for training": len(stats.kept),
+                "STaR held-out": f"{100 * star_acc[-1]:.1f}%",
+                "control held-out": f"{100 * control_acc[-1]:.1f}%",
+            }
         )
         print(
             f"round {r}: solved {stats.correct}, rationalised {stats.rationalized}, "
@@ -127,11 +134,7 @@ def main(argv=None) -> dict:
         f"\nnumbers in [2, {args.max_value}], seed {args.n_seed} gold rationales, pool {args.n_pool}, test "
         f"{len(test)}; M0 accuracy {100 * acc0:.1f}%; total {elapsed:.0f} s"
     )
-    print(
-        "| round | pool solved (no hint) | rationalised | kept for training | STaR held-out | control held-out |\n"
-        "|---|---|---|---|---|---|"
-    )
-    print("\n".join(rows))
+    print(markdown_table(rows))
     rounds = list(range(args.rounds + 1))
     plot = line_plot(
         {"STaR": (rounds, [100 * a for a in star_acc]), "initial data only": (rounds, [100 * a for a in control_acc])},

@@ -1,8 +1,9 @@
 """Prompt -> completion fine-tuning and batched greedy decoding for the ch01 mini-GPT (shared by pal.py and STaR).
 
 Each example is ``prompt + ">" + completion + "|"`` at character level; the loss covers only the completion and the end
-marker ``|`` (prompt positions get target -100). Decoding left-pads a batch of prompts, passes a key-padding mask and
-uses ch01's ``DynamicKVCache``, so one forward per new character serves the whole batch.
+marker ``|`` (prompt positions get target -100). Decoding hands a batch of prompts of different lengths to ch01's
+``generate``, which continues each row at its own positions over one KV cache (one forward per new character serves the
+whole batch) and stops a row at ``|``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from ch01.char_tokenizer import CharTokenizer
 from ch01.functional import cosine_lr
-from ch01.model import GPT, DynamicKVCache, GPTConfig
+from ch01.generate import generate
+from ch01.model import GPT, GPTConfig
 from ch01.train import TrainConfig, make_optimizer
 from ch09.arith_tasks import alphabet
 
@@ -102,35 +104,11 @@ def greedy_complete(
 ) -> list[str]:
     """Completion of each ``prompt + SEP`` up to END (exclusive); greedy unless ``temperature`` > 0."""
     model.eval()
-    device = next(model.parameters()).device
     end_id = tok.encode(END)[0]
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [tok.encode(p + SEP) for p in prompts[i : i + batch_size]]
-        S = max(len(c) for c in chunk)
-        budget = min(max_new_tokens, model.config.block_size - S)
-        idx = torch.zeros(len(chunk), S, dtype=torch.long)  # (B, S) left-padded
-        mask = torch.zeros(len(chunk), S, dtype=torch.bool)  # (B, S) False = padding
-        for j, c in enumerate(chunk):
-            idx[j, S - len(c) :] = torch.tensor(c)
-            mask[j, S - len(c) :] = True
-        idx, mask = idx.to(device), mask.to(device)
-        cache = DynamicKVCache(model.config.n_layer)
-        logits = model(idx, kv_cache=cache, start_pos=0, key_padding_mask=mask)[:, -1].float()  # (B, V)
-        new, done = [], torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        for step in range(budget):
-            if temperature > 0:
-                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]  # (B,)
-            else:
-                nxt = logits.argmax(-1)  # (B,)
-            new.append(nxt)
-            done |= nxt == end_id
-            if bool(done.all()) or step == budget - 1:
-                break
-            mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=torch.bool, device=device)], 1)  # (B, S+1)
-            logits = model(nxt[:, None], kv_cache=cache, start_pos=S + step, key_padding_mask=mask)[:, -1].float()
-        gen_ids = torch.stack(new, 1).tolist() if new else [[] for _ in chunk]  # (B, steps)
-        for row in gen_ids:
-            text = tok.decode(row)
-            outs.append(text.split(END)[0])
+        chunk = [tok.encode(p + SEP) for p in prompts[i : i + batch_size]]  # ragged: each row at its own positions
+        budget = min(max_new_tokens, model.config.block_size - max(len(c) for c in chunk))
+        new = generate(model, chunk, budget, temperature=temperature, stop_ids=[end_id], generator=generator)
+        outs += [tok.decode(row).split(END)[0] for row in new]
     return outs

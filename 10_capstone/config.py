@@ -8,8 +8,6 @@ silently trains the wrong model.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,8 +30,14 @@ DEFAULTS: dict = {
     "model": {"preset": "small", "attn_impl": "auto"},
     "train": {},
     "eval": {"max_batches": None, "batch_size": 32, "decode_tokens": 100, "decode_prompt_tokens": 16},
-    "sample": {"prompt": "ROMEO:\n", "max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": None,
-               "num_samples": 3},
+    "sample": {
+        "prompt": "ROMEO:\n",
+        "max_new_tokens": 200,
+        "temperature": 0.8,
+        "top_k": 50,
+        "top_p": None,
+        "num_samples": 3,
+    },
     "quantize": {"int8": True, "q8_0": True},
     "serve": {"host": "127.0.0.1", "port": 8000, "max_batch": 16},
 }
@@ -92,8 +96,3 @@ def model_config(cfg: dict, vocab_size: int, device_type: str) -> GPTConfig:
 
 def train_config(cfg: dict, out_dir: str, device: str, progress: bool = True) -> TrainConfig:
     return TrainConfig(**cfg["train"], out_dir=out_dir, device=device, seed=cfg["seed"], progress=progress)
-
-
-def fingerprint(*parts) -> str:
-    """Stable hash of config sections: a stage is up to date when its inputs' fingerprint is unchanged."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

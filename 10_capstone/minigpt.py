@@ -2,6 +2,7 @@
 
     python 10_capstone/minigpt.py all                    # cpu-demo config: tokenizer -> ... -> report (a few minutes)
     python 10_capstone/minigpt.py serve                  # OpenAI-compatible API on http://127.0.0.1:8000
+    python 10_capstone/minigpt.py serve --model smollm2-135m-instruct   # the same server, a real pretrained LLM
     python 10_capstone/minigpt.py --config cpu-full all  # the longer CPU run; --config gpu on a CUDA machine
     python 10_capstone/minigpt.py train --force          # redo one stage (stages skip when up to date)
 
@@ -20,20 +21,43 @@ from ch10.stages import STAGES, Run, run_stage
 from common.cli import base_parser
 
 
-def serve(run: Run, host: str | None, port: int | None) -> None:
-    from ch08.server import main as serve_main
+def server_state(run: Run, model: str | None = None):
+    """ch08's server state (engine, scheduler, metrics) for the run's model — or, with ``model``, a pretrained one
+    (``ch01.pretrained.load_pretrained``: a name such as smollm2-135m-instruct, a GGUF file or a HF directory)."""
+    from ch08.server import PRETRAINED_MAX_CONTEXT, build_state, load_model
 
+    max_batch = run.cfg["serve"]["max_batch"]
+    if model is not None:
+        gpt, tok, name = load_model(None, device=str(run.device), pretrained=model)
+        return build_state(gpt, tok, name, max_batch=max_batch, max_context=PRETRAINED_MAX_CONTEXT)
     if not (run.model_dir / "model.safetensors").exists():
         print("no trained model yet: running the pipeline first")
         for stage in STAGES:
             run_stage(run, stage)
-    sc = run.cfg["serve"]
-    serve_main(["--checkpoint", str(run.model_dir), "--model-name", "minigpt", "--host", host or sc["host"],
-                "--port", str(port or sc["port"]), "--max-batch", str(sc["max_batch"]), "--device", str(run.device)])
+    return build_state(run.model(), run.tokenizer(), "minigpt", max_batch=max_batch)
+
+
+def serve(run: Run, host: str | None, port: int | None, model: str | None = None) -> None:
+    """ch08's OpenAI-compatible app, in this process, until Ctrl-C."""
+    import uvicorn
+
+    from ch08.api import create_app
+    from common.seed import seed_everything
+
+    seed_everything(run.cfg["seed"])
+    try:
+        state = server_state(run, model)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    host, port = host or run.cfg["serve"]["host"], port or run.cfg["serve"]["port"]
+    print(
+        f"serving {state.model_name} on http://{host}:{port} (max batch {run.cfg['serve']['max_batch']}, device {run.device})"
+    )
+    uvicorn.run(create_app(state), host=host, port=port, timeout_graceful_shutdown=int(state.shutdown_timeout))
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__)
+    p = base_parser(__doc__, device=True, seed=True)
     p.add_argument("stage", nargs="?", default="all", choices=[*STAGES, "sample", "all", "serve"])
     p.add_argument("--config", default=DEFAULT_CONFIG, help="a name in 10_capstone/configs/ or a .toml path")
     p.add_argument("--runs-dir", default=None, help="where runs/<name>/ goes (default: <repo>/runs)")
@@ -41,7 +65,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model", default=None, help="serve: a pretrained model (smollm2-135m-instruct, a GGUF, a HF dir)")
     args = p.parse_args(argv)
+    if args.model is not None and args.stage != "serve":
+        p.error("--model only applies to the serve stage")
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -52,7 +79,7 @@ def main(argv=None) -> dict:
         cfg["seed"] = args.seed
     run = Run(cfg, args.runs_dir, force=args.force, progress=not args.no_progress)
     if args.stage == "serve":
-        serve(run, args.host, args.port)
+        serve(run, args.host, args.port, args.model)
         return run.metrics
     if args.stage == "sample":  # always fresh samples: the eval stage's sampling, without the skip
         run.force = True

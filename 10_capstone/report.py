@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.bench import hardware_info
+from common.bench import hardware_info, markdown_table
 
 
 def _mb(n) -> str:
@@ -15,45 +15,83 @@ def _loss(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "–"
 
 
-def write_report(run) -> Path:
-    m = run.metrics
+def _model_rows(m: dict) -> list[dict]:
+    """The "Model and training" table: (metric, value) rows."""
     tok, data, tr, ev = m.get("tokenizer", {}), m.get("data", {}), m.get("train", {}), m.get("eval", {})
-    q, ex = m.get("quantize", {}), m.get("export", {})
     mc = tr.get("config", {})
-    lines = [f"# mini-GPT report — `{run.cfg['name']}`", "",
-             f"Config `{run.cfg['path']}`; machine: {hardware_info(run.device)}.", "",
-             "## Model and training", "", "| metric | value |", "|---|---|",
-             f"| tokenizer | byte-level BPE, {tok.get('vocab_size', '–')} tokens "
-             f"({data.get('chars_per_token', '–')} chars/token), trained in {tok.get('train_seconds', '–')} s |",
-             f"| model | {mc.get('n_layer')} layers, {mc.get('n_head')} heads, {mc.get('n_embd')} dims, "
-             f"context {mc.get('block_size')}, attention `{mc.get('attn_impl')}` |",
-             f"| parameters | {tr.get('params', 0):,} |",
-             f"| training | {tr.get('iters')} iterations in {tr.get('train_seconds')} s "
-             f"({tr.get('train_tokens_per_s', 0):,} tokens/s) |",
-             f"| val loss | {_loss(ev.get('val_loss'))} |",
-             f"| perplexity (per BPE token) | {ev.get('perplexity', float('nan')):.2f} |"]
+    rows = [
+        (
+            "tokenizer",
+            f"byte-level BPE, {tok.get('vocab_size', '–')} tokens ({data.get('chars_per_token', '–')} chars/token), "
+            f"trained in {tok.get('train_seconds', '–')} s",
+        ),
+        (
+            "model",
+            f"{mc.get('n_layer')} layers, {mc.get('n_head')} heads, {mc.get('n_embd')} dims, "
+            f"context {mc.get('block_size')}, attention `{mc.get('attn_impl')}`",
+        ),
+        ("parameters", f"{tr.get('params', 0):,}"),
+        (
+            "training",
+            f"{tr.get('iters')} iterations in {tr.get('train_seconds')} s ({tr.get('train_tokens_per_s', 0):,} tokens/s)",
+        ),
+        ("val loss", _loss(ev.get("val_loss"))),
+        ("perplexity (per BPE token)", f"{ev.get('perplexity', float('nan')):.2f}"),
+    ]
     speed = ev.get("decode_tokens_per_s", {})
     if speed:
-        lines.append(f"| decode tokens/s ({ev.get('decode_new_tokens')} new, batch 1) | "
-                     f"{speed.get('no_cache')} without KV cache, {speed.get('kv_cache')} with "
-                     f"({speed.get('kv_cache', 0) / max(speed.get('no_cache', 1), 1e-9):.1f}×) |")
-    lines += ["", "## Quantization and exports", "", "| artifact | size (MB) | val loss | change |", "|---|---|---|---|"]
+        rows.append(
+            (
+                f"decode tokens/s ({ev.get('decode_new_tokens')} new, batch 1)",
+                f"{speed.get('no_cache')} without KV cache, {speed.get('kv_cache')} with "
+                f"({speed.get('kv_cache', 0) / max(speed.get('no_cache', 1), 1e-9):.1f}×)",
+            )
+        )
+    return [{"metric": k, "value": v} for k, v in rows]
+
+
+def _artifact_rows(m: dict) -> list[dict]:
+    """The "Quantization and exports" table: in-memory quantized copies, then the exported files."""
+    q, ex = m.get("quantize", {}), m.get("export", {})
     base = q.get("fp32", {}).get("val_loss")
-    for name, r in q.items():
-        if isinstance(r, dict) and "val_loss" in r:
-            lines.append(f"| {name} (in memory) | {_mb(r.get('bytes'))} | {_loss(r['val_loss'])} | "
-                         f"{r.get('val_loss_change_pct', 0):+.2f}% |")
+    rows = [
+        (f"{name} (in memory)", _mb(r.get("bytes")), _loss(r["val_loss"]), f"{r.get('val_loss_change_pct', 0):+.2f}%")
+        for name, r in q.items()
+        if isinstance(r, dict) and "val_loss" in r
+    ]
     for name, r in ex.items():
         if not isinstance(r, dict):
             continue
         if "skipped" in r:
-            lines.append(f"| {name} | – | – | skipped: {r['skipped']} |")
+            rows.append((name, "–", "–", f"skipped: {r['skipped']}"))
             continue
         v = r.get("val_loss")
         change = f"{100 * (v - base) / base:+.2f}%" if isinstance(v, float) and base else "same weights"
-        lines.append(f"| {name} `{Path(r['path']).name}` | {_mb(r.get('bytes'))} | {_loss(v)} | {change} |")
-    lines += ["", "![loss curve](loss.png)", "", "## Samples", ""]
-    for s in ev.get("samples", []):
+        rows.append((f"{name} `{Path(r['path']).name}`", _mb(r.get("bytes")), _loss(v), change))
+    return [dict(zip(("artifact", "size (MB)", "val loss", "change"), r)) for r in rows]
+
+
+def write_report(run) -> Path:
+    m = run.metrics
+    lines = [
+        f"# mini-GPT report — `{run.cfg['name']}`",
+        "",
+        f"Config `{run.cfg['path']}`; machine: {hardware_info(run.device)}.",
+        "",
+        "## Model and training",
+        "",
+        markdown_table(_model_rows(m)),
+        "",
+        "## Quantization and exports",
+        "",
+        markdown_table(_artifact_rows(m), ["artifact", "size (MB)", "val loss", "change"]),
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "## Samples",
+        "",
+    ]
+    for s in m.get("eval", {}).get("samples", []):
         lines += ["```", s, "```", ""]
     lines += ["## Serve it", "", "```bash", f"python 10_capstone/minigpt.py --config {run.cfg['path']} serve", "```"]
     path = run.dir / "report.md"

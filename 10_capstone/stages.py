@@ -1,6 +1,8 @@
 """The capstone pipeline's stages. Each reuses the chapter that teaches it and records what it measured in
-``runs/<name>/metrics.json``; ``runs/<name>/stages.json`` holds each stage's input fingerprint so a re-run skips
-stages whose outputs are up to date (``--force`` redoes them).
+``runs/<name>/metrics.json``. ``runs/<name>/stages.json`` holds, per stage, the fingerprint of its inputs (its config
+sections + the previous stage's fingerprint, hashed by ``common.data.fingerprint``) and whether it finished: a re-run
+skips stages that are up to date (``--force`` redoes them), and training resumes from its checkpoint only when it was
+started with the same fingerprint and did not finish.
 
 tokenizer (ch01 BPE) -> data (memmapped token files) -> train (ch01 loop, resumable) -> eval (val loss, samples,
 decode speed with ch07's KV cache) -> quantize (ch06 int8 RTN, GGUF Q8_0) -> export (HF via ch01, ONNX via ch08,
@@ -19,11 +21,12 @@ import numpy as np
 import torch
 
 from ch01.bpe import Tokenizer, train_bpe
+from ch01.evaluate import evaluate_loss
 from ch01.model import GPT
-from ch01.pretrained import val_loss
-from ch10.config import fingerprint, model_config, train_config
+from ch01.tokenizer import load_tokenizer
+from ch10.config import model_config, train_config
 from common.checkpoint import atomic_write
-from common.data import SHAKESPEARE_PATH, SHAKESPEARE_SHA256, load_shakespeare, train_val_split
+from common.data import SHAKESPEARE_PATH, SHAKESPEARE_SHA256, fingerprint, load_shakespeare, train_val_split
 from common.device import pick_device
 from common.plot import line_plot
 
@@ -39,6 +42,7 @@ class Run:
         self.dir = Path(root or REPO_ROOT / "runs") / cfg["name"]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg["device"])
+        self.resumable: dict[str, bool] = {}
 
     tokenizer_dir = property(lambda self: self.dir / "tokenizer")
     model_dir = property(lambda self: self.dir / "model")
@@ -52,21 +56,55 @@ class Run:
         text = json.dumps(data, indent=2, default=str)
         atomic_write(self.dir / name, lambda tmp: Path(tmp).write_text(text))
 
-    def fingerprint(self, stage: str) -> str:
+    # ------------------------------------------------------------------------- the one up-to-date mechanism
+    def entry(self, stage: str) -> dict:
+        """The stage's manifest entry: {"key": fingerprint of its inputs, "done": finished} ({} if never started)."""
+        e = self._read("stages.json").get(stage)
+        return e if isinstance(e, dict) else {}
+
+    def key(self, stage: str) -> str:
+        """Fingerprint of everything the stage's outputs depend on: its config sections and the previous stage's key
+        (which covers every stage before it)."""
         c = self.cfg
-        parts = {"tokenizer": (c["tokenizer"], SHAKESPEARE_SHA256), "data": (), "train": (c["model"], c["train"],
-                 c["seed"], self.device.type), "eval": (c["eval"], c["sample"]), "quantize": (c["quantize"], c["eval"]),
-                 "export": (c["eval"],), "report": ()}
-        upstream = STAGES[: STAGES.index(stage)]
-        return fingerprint(stage, parts[stage], [self._read("stages.json").get(s) for s in upstream])
+        own = {
+            "tokenizer": (c["tokenizer"], SHAKESPEARE_SHA256),
+            "data": (SHAKESPEARE_SHA256,),
+            "train": (c["model"], c["train"], c["seed"], self.device.type),
+            "eval": (c["eval"], c["sample"], c["seed"]),
+            "quantize": (c["quantize"], c["eval"]),
+            "export": (c["eval"],),
+            "report": (),
+        }[stage]
+        i = STAGES.index(stage)
+        return fingerprint(stage, own, self.key(STAGES[i - 1]) if i else None)
+
+    def current(self, stage: str) -> bool:
+        """The stage finished with the inputs it has now (whatever ``force`` says)."""
+        e = self.entry(stage)
+        return e.get("done") is True and e.get("key") == self.key(stage)
+
+    def started(self, stage: str) -> bool:
+        """The stage was started (finished or not) with the inputs it has now, and no ``force``."""
+        return not self.force and self.entry(stage).get("key") == self.key(stage)
 
     def up_to_date(self, stage: str) -> bool:
-        return not self.force and self._read("stages.json").get(stage) == self.fingerprint(stage)
+        """The only check of whether a stage must run: finished with the current inputs, and no ``force``."""
+        return not self.force and self.current(stage)
+
+    def _set(self, stage: str, done: bool) -> None:
+        self._write("stages.json", {**self._read("stages.json"), stage: {"key": self.key(stage), "done": done}})
+
+    def begin(self, stage: str) -> bool:
+        """Mark ``stage`` as started with its current inputs. Returns (and keeps in ``self.resumable``) whether it
+        had been started with the same inputs and not finished (interrupted): its partial outputs may be continued."""
+        self.resumable[stage] = self.started(stage) and not self.entry(stage).get("done")
+        self._set(stage, done=False)
+        return self.resumable[stage]
 
     def done(self, stage: str, metrics: dict | None = None) -> None:
         if metrics:
             self._write("metrics.json", {**self._read("metrics.json"), stage: metrics})
-        self._write("stages.json", {**self._read("stages.json"), stage: self.fingerprint(stage)})
+        self._set(stage, done=True)
 
     @property
     def metrics(self) -> dict:
@@ -74,11 +112,23 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------ loaders
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.tokenizer_dir)
+        return load_tokenizer(self.tokenizer_dir)
 
-    def tokens(self, split: str) -> torch.Tensor:
-        arr = np.load(self.dir / "data" / f"{split}.npy", mmap_mode="r")  # memmapped uint16
-        return torch.from_numpy(np.asarray(arr, dtype=np.int64))
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's token ids, memory-mapped (uint16): batches read only their windows from disk."""
+        return np.load(self.dir / "data" / f"{split}.npy", mmap_mode="r")
+
+    def eval_ids(self, block_size: int) -> torch.Tensor:
+        """The validation ids the eval windows read (consecutive, from the start), as int64: only those leave disk."""
+        ev, val = self.cfg["eval"], self.tokens("val")
+        if ev["max_batches"] is not None:
+            val = val[: ev["max_batches"] * ev["batch_size"] * block_size + 1]
+        return torch.from_numpy(val.astype(np.int64))
+
+    def val_loss(self, model) -> float:
+        """``ch01.evaluate.evaluate_loss`` on the eval windows: the number every stage reports."""
+        ev = self.cfg["eval"]
+        return evaluate_loss(model, self.eval_ids(model.config.block_size), ev["batch_size"], ev["max_batches"])
 
     def model(self) -> GPT:
         return GPT.load(self.model_dir, map_location=str(self.device)).eval()
@@ -89,12 +139,13 @@ def stage_tokenizer(run: Run) -> dict:
     t0 = time.perf_counter()
     vocab, merges = train_bpe(SHAKESPEARE_PATH, tc["vocab_size"], tc["special_tokens"])
     seconds = time.perf_counter() - t0
+    tok = Tokenizer(vocab, merges, tc["special_tokens"])
     tmp = run.dir / "tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    Tokenizer(vocab, merges, tc["special_tokens"]).save(tmp)
+    tok.save(tmp)
     shutil.rmtree(run.tokenizer_dir, ignore_errors=True)
     tmp.rename(run.tokenizer_dir)
-    return {"vocab_size": len(vocab), "train_seconds": round(seconds, 2)}
+    return {"vocab_size": tok.vocab_size, "train_seconds": round(seconds, 2)}
 
 
 def stage_data(run: Run) -> dict:
@@ -110,73 +161,89 @@ def stage_train(run: Run) -> dict:
     from ch01.train import train
 
     tok = run.tokenizer()
-    mcfg = model_config(run.cfg, len(tok.vocab), run.device.type)
-    if mcfg.attn_impl == "flash_triton":
-        import ch04.flash_triton  # noqa: F401  (registers the kernel with ch01's attention plug point)
+    mcfg = model_config(run.cfg, tok.vocab_size, run.device.type)
     ckpt_dir = run.dir / "checkpoints"
-    fp = run.fingerprint("train")
-    marker = ckpt_dir / "fingerprint.txt"
-    resume = (not run.force and (ckpt_dir / "ckpt.safetensors").exists() and marker.exists()
-              and marker.read_text() == fp)  # same config, interrupted earlier: continue; --force: start over
+    resume = run.resumable.get("train", False) and (ckpt_dir / "ckpt.safetensors").exists()  # interrupted: continue
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True)
-        marker.write_text(fp)
     tc = train_config(run.cfg, str(ckpt_dir), str(run.device), run.progress)
-    res = train(mcfg, tc, run.tokens("train"), run.tokens("val"), resume=resume)
+    res = train(mcfg, tc, run.tokens("train"), run.tokens("val"), resume=resume, tokenizer=tok)
     shutil.rmtree(run.model_dir, ignore_errors=True)
-    shutil.copytree(ckpt_dir / "model", run.model_dir)
-    for f in run.tokenizer_dir.iterdir():  # the model dir is self-contained: weights + config + tokenizer
-        shutil.copy(f, run.model_dir / f.name)
+    shutil.copytree(ckpt_dir / "model", run.model_dir)  # self-contained: weights + config + tokenizer
     val = res["val"]
-    line_plot({"train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
-               "val": ([v[0] for v in val], [v[2] for v in val])}, run.dir / "loss.png", marker="",
-              title=f"{run.cfg['name']}: mini-GPT on tiny-shakespeare", xlabel="iteration", ylabel="loss")
+    line_plot(
+        {
+            "train (per step)": (range(1, len(res["train_losses"]) + 1), res["train_losses"]),
+            "val": ([v[0] for v in val], [v[2] for v in val]),
+        },
+        run.dir / "loss.png",
+        marker="",
+        title=f"{run.cfg['name']}: mini-GPT on tiny-shakespeare",
+        xlabel="iteration",
+        ylabel="loss",
+    )
     model = res["model"]
-    return {"params": model.num_params(), "iters": tc.max_iters, "train_seconds": round(res["train_time_s"], 1),
-            "train_tokens_per_s": round(res["tokens_per_s"]), "final_val_estimate": val[-1][2],
-            "resumed": resume, "config": mcfg.to_dict()}
+    return {
+        "params": model.num_params(),
+        "iters": tc.max_iters,
+        "train_seconds": round(res["train_time_s"], 1),
+        "train_tokens_per_s": round(res["tokens_per_s"]),
+        "final_val_estimate": val[-1][2],
+        "resumed": resume,
+        "config": mcfg.to_dict(),
+    }
 
 
 def stage_eval(run: Run) -> dict:
-    from ch07.kv_cache import generate
+    from ch01.generate import generate
     from ch07.sampling import Sampler
 
     model, tok, ev, sc = run.model(), run.tokenizer(), run.cfg["eval"], run.cfg["sample"]
-    loss = val_loss(model, run.tokens("val"), ev["batch_size"], ev["max_batches"])
+    loss = run.val_loss(model)
     prompt = tok.encode(sc["prompt"])
     gen = torch.Generator(device=run.device).manual_seed(run.cfg["seed"])
     sampler = Sampler(temperature=sc["temperature"], top_k=sc["top_k"], top_p=sc["top_p"])
     n_new = min(sc["max_new_tokens"], model.config.block_size - len(prompt))
-    out = generate(model, [prompt] * sc["num_samples"], n_new, sampler, generator=gen)
-    samples = [sc["prompt"] + tok.decode(row.tolist()) for row in out]
+    out = generate(model, [prompt] * sc["num_samples"], n_new, sampler=sampler, generator=gen)
+    samples = [sc["prompt"] + tok.decode(row) for row in out]
     (run.dir / "samples.txt").write_text("\n\n".join(f"--- sample {i} ---\n{s}" for i, s in enumerate(samples)))
-    speed = {}
     p = run.tokens("val")[: ev["decode_prompt_tokens"]].tolist()
     n = min(ev["decode_tokens"], model.config.block_size - len(p))
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "decode_tokens_per_s": _decode_speed(model, p, n),
+        "decode_new_tokens": n,
+        "samples": samples,
+    }
+
+
+def _decode_speed(model, prompt: list[int], n: int) -> dict:
+    """Greedy tokens/s of one prompt without and with ch07's KV cache."""
+    from ch07.kv_cache import generate
+
+    speed = {}
     for use_cache in (False, True):
-        generate(model, [p], 4, use_cache=use_cache)  # warm-up
+        generate(model, [prompt], 4, use_cache=use_cache)  # warm-up
         t0 = time.perf_counter()
-        generate(model, [p], n, use_cache=use_cache)
+        generate(model, [prompt], n, use_cache=use_cache)
         speed["kv_cache" if use_cache else "no_cache"] = round(n / (time.perf_counter() - t0), 1)
-    return {"val_loss": loss, "perplexity": math.exp(loss), "decode_tokens_per_s": speed, "decode_new_tokens": n,
-            "samples": samples}
+    return speed
 
 
 def stage_quantize(run: Run) -> dict:
     from ch06.gguf_export import gguf_roundtrip_model
     from ch06.quantize import model_size_bytes, quantize_model
 
-    model, val, ev = run.model(), run.tokens("val"), run.cfg["eval"]
-    rows = {"fp32": {"bytes": model_size_bytes(model), "val_loss": val_loss(model, val, ev["batch_size"],
-                                                                             ev["max_batches"])}}
+    model = run.model()
+    rows = {"fp32": {"bytes": model_size_bytes(model), "val_loss": run.val_loss(model)}}
     if run.cfg["quantize"]["int8"]:
         q = quantize_model(model, "rtn", bits=8)
-        rows["int8 (RTN per channel)"] = {"bytes": model_size_bytes(q),
-                                          "val_loss": val_loss(q, val, ev["batch_size"], ev["max_batches"])}
+        rows["int8 (RTN per channel)"] = {"bytes": model_size_bytes(q), "val_loss": run.val_loss(q)}
     if run.cfg["quantize"]["q8_0"]:
         q = gguf_roundtrip_model(model, "q8_0")  # exactly the weights llama.cpp computes with
-        rows["GGUF Q8_0"] = {"val_loss": val_loss(q, val, ev["batch_size"], ev["max_batches"])}
+        rows["GGUF Q8_0"] = {"val_loss": run.val_loss(q)}
     base = rows["fp32"]["val_loss"]
     for r in rows.values():
         r["val_loss_change_pct"] = 100 * (r["val_loss"] - base) / base
@@ -185,25 +252,27 @@ def stage_quantize(run: Run) -> dict:
 
 def stage_export(run: Run) -> dict:
     from ch01.hf_interop import save_hf
+    from ch06.gguf_export import export_gguf, gguf_roundtrip_model
+    from ch08.export_onnx import export_decode, export_full, ort_session, ort_val_loss
 
-    model, tok, val, ev = run.model(), run.tokenizer(), run.tokens("val"), run.cfg["eval"]
+    model, tok, ev = run.model(), run.tokenizer(), run.cfg["eval"]
     out = run.export_dir
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    res = {"safetensors": {"path": str(run.model_dir / "model.safetensors"),
-                           "bytes": (run.model_dir / "model.safetensors").stat().st_size}}
-    hf_dir = save_hf(model, out / "hf")
-    for f in run.tokenizer_dir.iterdir():
-        shutil.copy(f, hf_dir / f.name)
+    weights = run.model_dir / "model.safetensors"
+    res = {"safetensors": {"path": str(weights), "bytes": weights.stat().st_size}}
+    hf_dir = save_hf(model, out / "hf", tok)  # + tokenizer.json: AutoTokenizer and pipeline() work on it
     res["hf"] = {"path": str(hf_dir), "bytes": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))}
-    from ch08.export_onnx import export_decode, export_full, ort_session, ort_val_loss
-
     full, decode = export_full(model, out / "onnx" / "model.onnx"), export_decode(model, out / "onnx" / "decode.onnx")
-    res["onnx"] = {"path": str(full), "decode_path": str(decode), "bytes": _onnx_bytes(full),
-                   "val_loss": ort_val_loss(ort_session(full), val, model.config.block_size, ev["batch_size"],
-                                            ev["max_batches"] or 10**9)}
-    from ch06.gguf_export import export_gguf, gguf_roundtrip_model
-
+    val = run.eval_ids(model.config.block_size)
+    res["onnx"] = {
+        "path": str(full),
+        "decode_path": str(decode),
+        "bytes": _onnx_bytes(full),
+        "val_loss": ort_val_loss(
+            ort_session(full), val, model.config.block_size, ev["batch_size"], ev["max_batches"] or 10**9
+        ),
+    }
     for qtype in ("f16", "q8_0"):
         path = out / f"minigpt-{qtype}.gguf"
         try:
@@ -211,9 +280,8 @@ def stage_export(run: Run) -> dict:
         except TypeError as e:  # the GGUF writer has no vocabulary type for this tokenizer
             res[f"gguf_{qtype}"] = {"skipped": str(e)}
             continue
-        res[f"gguf_{qtype}"] = {"path": str(path), "bytes": path.stat().st_size,
-                                "val_loss": val_loss(gguf_roundtrip_model(model, qtype), val, ev["batch_size"],
-                                                     ev["max_batches"])}
+        q = gguf_roundtrip_model(model, qtype)
+        res[f"gguf_{qtype}"] = {"path": str(path), "bytes": path.stat().st_size, "val_loss": run.val_loss(q)}
     return res
 
 
@@ -228,8 +296,15 @@ def stage_report(run: Run) -> dict:
     return {"path": str(path)}
 
 
-STAGE_FNS = {"tokenizer": stage_tokenizer, "data": stage_data, "train": stage_train, "eval": stage_eval,
-             "quantize": stage_quantize, "export": stage_export, "report": stage_report}
+STAGE_FNS = {
+    "tokenizer": stage_tokenizer,
+    "data": stage_data,
+    "train": stage_train,
+    "eval": stage_eval,
+    "quantize": stage_quantize,
+    "export": stage_export,
+    "report": stage_report,
+}
 
 
 def run_stage(run: Run, stage: str) -> dict:
@@ -237,11 +312,14 @@ def run_stage(run: Run, stage: str) -> dict:
     if run.up_to_date(stage):
         print(f"[{stage}] up to date (use --force to redo)")
         return run.metrics.get(stage, {})
-    upstream = STAGES[: STAGES.index(stage)]
-    missing = [s for s in upstream if s not in run._read("stages.json")]
+    missing = [s for s in STAGES[: STAGES.index(stage)] if not run.current(s)]
     if missing:
-        raise SystemExit(f"stage {stage!r} needs {', '.join(missing)} first: run `minigpt.py {missing[0]}` or `all`")
+        raise SystemExit(
+            f"stage {stage!r} needs {', '.join(missing)} first (missing or out of date): "
+            f"run `minigpt.py {missing[0]}` or `all`"
+        )
     print(f"[{stage}] running ...")
+    run.begin(stage)
     t0 = time.perf_counter()
     metrics = STAGE_FNS[stage](run)
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)

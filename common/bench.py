@@ -27,8 +27,13 @@ class Timing:
         return f"{self.median * 1e3:.3f} ms (p10 {self.p10 * 1e3:.3f}, p90 {self.p90 * 1e3:.3f}, n={self.repeats})"
 
 
-def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, device: str | torch.device = "cpu",
-           min_time: float = 0.0) -> Timing:
+def timeit(
+    fn: Callable[[], object],
+    warmup: int = 2,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    min_time: float = 0.0,
+) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (and at least ``min_time`` s)."""
     for _ in range(warmup):
         fn()
@@ -110,24 +115,40 @@ def compare(fns: Mapping[str, Callable[[], object]], baseline: str | None = None
     """Time several implementations of the same thing; each row gets ``speedup`` = baseline time / its time."""
     timings = {name: timeit(fn, **timeit_kwargs) for name, fn in fns.items()}
     base = timings[baseline or next(iter(fns))].median
-    return [{"name": name, "median_ms": t.median * 1e3, "p10_ms": t.p10 * 1e3, "p90_ms": t.p90 * 1e3,
-             "speedup": base / t.median} for name, t in timings.items()]
+    return [
+        {
+            "name": name,
+            "median_ms": t.median * 1e3,
+            "p10_ms": t.p10 * 1e3,
+            "p90_ms": t.p90 * 1e3,
+            "speedup": base / t.median,
+        }
+        for name, t in timings.items()
+    ]
 
 
-def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None,
-                   floatfmt: str = ".3f") -> str:
-    """Rows of dicts → a GitHub markdown table."""
-    if not rows:
+def markdown_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str] | None = None,
+    floatfmt: str = ".3f",
+    formats: Mapping[str, str] | None = None,
+) -> str:
+    """Rows of dicts → a GitHub markdown table. Floats use ``floatfmt``; ``formats`` gives a column its own format spec
+    for its numbers (``{"|Δ|": ".1e", "bytes": ","}``). No rows: the header alone if ``columns`` are given, else ""."""
+    if not rows and not columns:
         return ""
     columns = list(columns or rows[0].keys())
+    formats = formats or {}
 
-    def fmt(v):
+    def fmt(column, v):
+        if column in formats and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return format(v, formats[column])
         if isinstance(v, float):
             return format(v, floatfmt)
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

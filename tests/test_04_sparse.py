@@ -62,7 +62,8 @@ def test_bigbird_layout_properties():
 
 
 def test_window_attention_in_model_matches_sdpa_when_window_covers_context_and_cache_agrees():
-    from ch01.model import GPT, DynamicKVCache, GPTConfig
+    from ch01.cache import KVCache
+    from ch01.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     idx = torch.randint(0, 50, (2, 24))
@@ -74,9 +75,9 @@ def test_window_attention_in_model_matches_sdpa_when_window_covers_context_and_c
     narrow.load_state_dict(full.state_dict())
     logits = narrow(idx)
     assert not torch.allclose(logits, full(idx), atol=1e-4)  # the window really restricts attention
-    cache = DynamicKVCache(narrow.config.n_layer)  # decoding with a cache uses the masked fallback path
-    first = narrow(idx[:, :10], kv_cache=cache, start_pos=0)
-    rest = [narrow(idx[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(10, 24)]
+    cache = KVCache(narrow.config.n_layer)  # decoding with a cache uses the masked fallback path
+    first = narrow(idx[:, :10], cache=cache)  # prefill: positions 0 … 9
+    rest = [narrow(idx[:, t : t + 1], cache=cache) for t in range(10, 24)]  # one token a step, at cache.length
     torch.testing.assert_close(torch.cat([first, *rest], 1), logits, atol=1e-5, rtol=1e-4)
 
 

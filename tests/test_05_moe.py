@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ch01.model import GPT, MLP, Block, GPTConfig
+from ch01.model import GPT, MLP, Block, GPTConfig, attention_mask
 from ch05.moe import MoE, MoEConfig, MoEGPT, load_balancing_loss, router_z_loss
 
 CFG = GPTConfig.preset("tiny", vocab_size=65)
@@ -93,9 +93,10 @@ def test_capacity_drops_and_dropped_tokens_ride_the_residual():
     assert torch.equal(out[cap:], torch.zeros_like(out[cap:]))
     block = Block(CFG, 0)
     block.mlp = moe
+    mask = attention_mask(torch.arange(S), S, None, None)  # plain causal, as GPT.forward builds it (no RoPE here)
     with torch.no_grad():
-        y = block(x)
-        attn_only = x + block.attn(block.attn_norm(x), None, None, 0, None)
+        y = block(x, None, None, None, mask)
+        attn_only = x + block.attn(block.attn_norm(x), None, None, None, mask)
     torch.testing.assert_close(y[0, cap:], attn_only[0, cap:])  # dropped: residual only
     assert not torch.allclose(y[0, :cap], attn_only[0, :cap])
     moe.moe.capacity_factor = None  # dropless

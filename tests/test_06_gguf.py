@@ -117,12 +117,12 @@ def test_gguf_reads_back_with_every_tensor_and_key(tiny, gguf_files):
 
 
 def test_gguf_roundtrip_val_loss_close(tiny):
-    from ch01.pretrained import val_loss
+    from ch01.evaluate import evaluate_loss
 
     model, _, val_ids = tiny
-    base = val_loss(model, val_ids, max_batches=4)
-    assert abs(val_loss(gguf_roundtrip_model(model, "q8_0"), val_ids, max_batches=4) / base - 1) < 0.005
-    assert abs(val_loss(gguf_roundtrip_model(model, "q4_0"), val_ids, max_batches=4) / base - 1) < 0.05
+    base = evaluate_loss(model, val_ids, max_batches=4)
+    assert abs(evaluate_loss(gguf_roundtrip_model(model, "q8_0"), val_ids, max_batches=4) / base - 1) < 0.005
+    assert abs(evaluate_loss(gguf_roundtrip_model(model, "q4_0"), val_ids, max_batches=4) / base - 1) < 0.05
 
 
 def test_export_rejects_mismatched_tokenizer(tiny, tmp_path):

@@ -112,13 +112,13 @@ def test_gptq_reduces_layer_output_error(bits, act_order):
 @pytest.mark.timeout(300)
 def test_gptq_beats_rtn_val_loss_on_tiny_model(tiny):
     """The paper's claim on our model: same format (per-row ranges), GPTQ val loss < RTN at 4 and at 3 bits."""
-    from ch01.pretrained import val_loss
+    from ch01.evaluate import evaluate_loss
 
     model, train_ids, val_ids = tiny
     calib = calibration_windows(train_ids, 64, model.config.block_size)
     for bits in (4, 3):
-        rtn = val_loss(quantize_model(model, "rtn", bits, None), val_ids, max_batches=5)
-        gptq = val_loss(quantize_model(model, "gptq", bits, None, calib_ids=calib), val_ids, max_batches=5)
+        rtn = evaluate_loss(quantize_model(model, "rtn", bits, None), val_ids, max_batches=5)
+        gptq = evaluate_loss(quantize_model(model, "gptq", bits, None, calib_ids=calib), val_ids, max_batches=5)
         assert gptq < rtn, (bits, gptq, rtn)
 
 
@@ -126,24 +126,25 @@ def test_gptq_beats_rtn_val_loss_on_tiny_model(tiny):
 @pytest.mark.timeout(900)
 def test_gptq_beats_rtn_clearly_on_a_better_trained_tiny_model():
     """Longer-trained tiny model (structured activations): GPTQ's margin over RTN is large, per-row and at 3-bit g32."""
-    from ch01.pretrained import pretrained_char_model, val_loss
+    from ch01.evaluate import evaluate_loss
+    from ch01.pretrained import pretrained_char_model
 
     model, _, (train_ids, val_ids) = pretrained_char_model("tiny", max_iters=1000, verbose=False)
     calib = calibration_windows(train_ids, 64, model.config.block_size)
-    base = val_loss(model, val_ids, max_batches=5)
+    base = evaluate_loss(model, val_ids, max_batches=5)
     for bits, group in ((4, None), (3, None), (3, 32)):
-        rtn = val_loss(quantize_model(model, "rtn", bits, group), val_ids, max_batches=5) - base
-        gptq = val_loss(quantize_model(model, "gptq", bits, group, calib_ids=calib), val_ids, max_batches=5) - base
+        rtn = evaluate_loss(quantize_model(model, "rtn", bits, group), val_ids, max_batches=5) - base
+        gptq = evaluate_loss(quantize_model(model, "gptq", bits, group, calib_ids=calib), val_ids, max_batches=5) - base
         assert gptq < 0.6 * rtn, (bits, group, gptq, rtn)  # GPTQ removes at least 40 % of RTN's loss increase
 
 
 def test_int8_model_close_to_fp32(tiny):
-    from ch01.pretrained import val_loss
+    from ch01.evaluate import evaluate_loss
 
     model, _, val_ids = tiny
-    base = val_loss(model, val_ids, max_batches=5)
+    base = evaluate_loss(model, val_ids, max_batches=5)
     q8 = quantize_model(model, "rtn", 8)
-    assert abs(val_loss(q8, val_ids, max_batches=5) / base - 1) < 0.005
+    assert abs(evaluate_loss(q8, val_ids, max_batches=5) / base - 1) < 0.005
     assert model_size_bytes(q8) < 0.5 * model_size_bytes(model)
     assert all(p.requires_grad for p in model.parameters())  # quantize_model works on a copy
 
@@ -197,17 +198,17 @@ def test_prune_model_sparsity_counted_and_wanda_uses_activations(tiny):
 @pytest.mark.timeout(300)
 def test_bitsandbytes_int8_and_nf4_on_cpu(tiny, caplog):
     pytest.importorskip("bitsandbytes")
-    from ch01.pretrained import val_loss
+    from ch01.evaluate import evaluate_loss
     from ch06.bnb import HFCausalLM, bnb_linear_types, load_bnb
 
     model, _, val_ids = tiny
-    base = val_loss(model, val_ids, max_batches=1)
+    base = evaluate_loss(model, val_ids, max_batches=1)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     for mode, linear, tol in (("int8", "Linear8bitLt", 0.01), ("nf4", "Linear4bit", 0.05)):
         hf = load_bnb(model, mode)
         assert bnb_linear_types(hf) == {linear}  # the real bitsandbytes modules, not a fallback
         assert hf.get_memory_footprint() < fp32_bytes
         with caplog.at_level("WARNING"):
-            loss = val_loss(HFCausalLM(hf, model.config), val_ids, max_batches=1)
+            loss = evaluate_loss(HFCausalLM(hf, model.config), val_ids, max_batches=1)
         assert abs(loss / base - 1) < tol
         assert not any("will be cast" in r.getMessage() for r in caplog.records)  # per-matmul warning silenced

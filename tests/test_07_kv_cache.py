@@ -1,10 +1,12 @@
-"""ch07 static KV cache: cached greedy decoding == uncached greedy decoding, token for token (single and batched)."""
+"""ch07 KV cache on ch01's seams: the static cache is ch01's KVCache preallocated; cached greedy decoding == uncached
+greedy decoding == a plain argmax loop, token for token (single and ragged batches); crop rolls back."""
 
 import pytest
 import torch
 
-from ch01.model import GPT, DynamicKVCache, GPTConfig
-from ch07.kv_cache import StaticKVCache, generate, left_pad
+from ch01.cache import KVCache
+from ch01.model import GPT, GPTConfig
+from ch07.kv_cache import Uncached, generate, static_cache
 from ch07.sampling import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,15 +19,30 @@ def model():
     return GPT(GPTConfig.preset("tiny", vocab_size=32, block_size=96, n_kv_head=2, init_std=0.5)).eval()
 
 
-def test_cache_update_matches_dynamic_cache(model):
+@torch.no_grad()
+def argmax_loop(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference: re-run the model on the whole sequence and take the argmax, n times (no cache at all)."""
+    ids = prompt.view(1, -1)
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, prompt.numel() :]
+
+
+def test_static_cache_is_ch01_kvcache_preallocated(model):
     x = torch.randint(0, 32, (2, 20))
-    static, dynamic = StaticKVCache.for_model(model, 2, 40), DynamicKVCache(model.config.n_layer)
-    for cache in (static, dynamic):
-        a = model(x[:, :12], kv_cache=cache, start_pos=0)
-        b = model(x[:, 12:], kv_cache=cache, start_pos=12)  # chunked prefill: T > 1 at start_pos > 0
-    torch.testing.assert_close(torch.cat([a, b], 1), model(x), atol=1e-5, rtol=1e-5)
-    for layer in range(model.config.n_layer):
-        torch.testing.assert_close(static.k[layer][:, :, :20], dynamic.k[layer])
+    static, growing = static_cache(model, 2, 40), KVCache(model.config.n_layer)
+    assert type(static) is KVCache and static.max_len == 40
+    cfg = model.config
+    assert all(k.shape == (2, cfg.n_kv_head, 40, cfg.head_dim) for k in static.k + static.v)  # allocated up front
+    buffers = [k.data_ptr() for k in static.k]
+    with torch.no_grad():
+        for cache in (static, growing):
+            a = model(x[:, :12], cache=cache)
+            b = model(x[:, 12:], cache=cache)  # chunked prefill: T > 1 continuing from cache.length
+            torch.testing.assert_close(torch.cat([a, b], 1), model(x), atol=1e-5, rtol=1e-5)
+    assert [k.data_ptr() for k in static.k] == buffers  # written in place, never reallocated
+    for layer in range(cfg.n_layer):
+        torch.testing.assert_close(static.k[layer][:, :, :20], growing.k[layer][:, :, :20])
 
 
 @pytest.mark.parametrize("prompt_len,new", [(1, 40), (7, 30), (33, 50)])
@@ -35,8 +52,19 @@ def test_greedy_cache_equals_no_cache(model, prompt_len, new):
     without = generate(model, prompt, new, use_cache=False)
     assert torch.equal(with_cache, without)
     assert len(set(with_cache[0].tolist())) > 3  # a real path, not one repeated token
-    ref = model.generate(prompt, new, temperature=0)[:, prompt_len:]  # ch01's plain loop
-    assert torch.equal(with_cache, ref)
+    assert torch.equal(with_cache, argmax_loop(model, prompt, new))
+
+
+def test_uncached_wrapper_keeps_the_forward_contract(model):
+    x = torch.randint(0, 32, (2, 12))
+    nc, marker = Uncached(model), object()
+    with torch.no_grad():
+        full = model(x)
+        torch.testing.assert_close(nc(x[:, :8], cache=marker), full[:, :8])  # prefill
+        torch.testing.assert_close(nc(x[:, 8:9], cache=marker), full[:, 8:9])  # continues at position 8
+        pos = torch.tensor([[9], [9]])
+        torch.testing.assert_close(nc(x[:, 9:10], positions=pos, cache=marker), full[:, 9:10])
+        torch.testing.assert_close(nc(x), full)  # without a cache: the model itself
 
 
 def test_batched_different_lengths_equals_each_alone(model):
@@ -48,6 +76,7 @@ def test_batched_different_lengths_equals_each_alone(model):
     for i, p in enumerate(prompts):
         assert torch.equal(batched[i], generate(model, p, 25)[0]), f"row {i}"
         assert torch.equal(batched[i], generate(model, p.tolist(), 25)[0])  # a plain list of ids is one prompt
+        assert torch.equal(batched[i : i + 1], argmax_loop(model, p, 25))
 
 
 def test_sampling_with_seed_is_reproducible_and_cache_independent(model):
@@ -56,6 +85,7 @@ def test_sampling_with_seed_is_reproducible_and_cache_independent(model):
     a = generate(model, prompt, 30, s, generator=torch.Generator().manual_seed(7))
     b = generate(model, prompt, 30, s, use_cache=False, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+    assert not torch.equal(a, generate(model, prompt, 30))  # really sampled
 
 
 def test_eos_stops_and_fills(model):
@@ -65,21 +95,29 @@ def test_eos_stops_and_fills(model):
     first = full.tolist().index(eos)
     out = generate(model, prompt, 30, eos_id=eos)[0]
     assert out.tolist() == full[: first + 1].tolist()
+    other = torch.randint(0, 32, (7,), generator=torch.Generator().manual_seed(4))
+    both = generate(model, [prompt[0], other], 30, eos_id=eos)  # the row that stops first is filled with eos
+    alone = generate(model, other, 30, eos_id=eos)[0]
+    assert both[0, : first + 1].tolist() == out.tolist() and (both[0, first:] == eos).all()
+    assert both[1, : len(alone)].tolist() == alone.tolist()
 
 
-def test_rollback_and_errors(model):
-    cache = StaticKVCache.for_model(model, 1, 16)
+def test_crop_rolls_back_and_errors(model):
+    cache = static_cache(model, 1, 16)
     x = torch.randint(0, 32, (1, 10))
-    model(x, kv_cache=cache)
-    cache.rollback(6)
-    logits = model(x[:, 6:8], kv_cache=cache, start_pos=6)
-    # masked (chunk at start_pos 6) vs causal-flag SDPA kernels: float32 rounding differs by ~2e-5 on logits ~±10
-    torch.testing.assert_close(logits, model(x[:, :8])[:, 6:], atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        model(x, cache=cache)
+        cache.crop(6)
+        logits = model(x[:, 6:8], cache=cache)  # continues at position 6, overwriting what was there
+        # masked (chunk at position 6) vs causal-flag SDPA kernels: float32 rounding differs by ~2e-5 on logits ~±10
+        torch.testing.assert_close(logits, model(x[:, :8])[:, 6:], atol=1e-4, rtol=1e-5)
+    assert cache.length == 8
     with pytest.raises(ValueError):
-        cache.rollback(9)
+        cache.crop(9)
     with pytest.raises(ValueError):
-        model(torch.zeros(1, 20, dtype=torch.long), kv_cache=StaticKVCache.for_model(model, 1, 16))
+        model(torch.zeros(1, 20, dtype=torch.long), cache=static_cache(model, 1, 16))
     with pytest.raises(ValueError):
-        generate(model, torch.zeros(1, 90, dtype=torch.long), 10)
+        generate(model, torch.zeros(1, 100, dtype=torch.long), 10)  # the prompt alone exceeds block_size
     with pytest.raises(ValueError):
-        left_pad([[1, 2], []])
+        generate(model, [[1, 2], []], 5)
+    assert generate(model, [[1, 2], [3]], 0).shape == (2, 0)

@@ -23,7 +23,7 @@ def test_on_policy_distillation_raises_greedy_agreement(tmp_path, monkeypatch):
     before = greedy_agreement(target, draft, val_ids, n_prompts=4, new_tokens=64)
     student = distilled_draft(target, draft, **settings)
     after = greedy_agreement(target, student, val_ids, n_prompts=4, new_tokens=64)
-    assert before < 0.1 and after > 0.35, (before, after)  # measured: 0.00 -> 0.50
+    assert before < 0.1 and after > 0.35, (before, after)  # measured: 0.00 -> 0.48
     assert student.config == draft.config and not torch.equal(student.tok_emb.weight, draft.tok_emb.weight)
     again = distilled_draft(target, draft, **settings)  # cached: loaded, not retrained
     assert torch.equal(again.tok_emb.weight, student.tok_emb.weight)

@@ -50,21 +50,35 @@ def test_greedy_equals_target_greedy(pair, k):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gpt", "fused"])
-def test_fast_greedy_path_equals_general_path(pair, fused):
-    """The greedy special case (argmax bookkeeping) gives the general accept/reject path's tokens AND statistics."""
+def test_greedy_rule_is_the_general_rule_on_one_hot_distributions(pair, fused):
+    """Greedy acceptance (argmax comparisons) is Leviathan's rule on one-hot p and q: a temperature so low that every
+    distribution is one-hot in float32 takes the sampled path and gives the same tokens AND statistics."""
     target, draft = pair
     if fused:
         target, draft = FusedDecoder(target), FusedDecoder(draft)
     prompt = torch.tensor([5, 3, 7])
+    cold = Sampler(temperature=1e-6)
     for k in (1, 2, 4, 7):
-        fast, fast_st = speculative_generate(target, draft, prompt, 50, k=k)
-        slow, slow_st = speculative_generate(target, draft, prompt, 50, k=k, fast_greedy=False)
-        assert torch.equal(fast, slow) and fast.shape == (1, 50)
-        assert fast_st == slow_st and 0 < fast_st.accepted < fast_st.proposed
-    eos = int(slow[0, 20])  # a token that first occurs somewhere in the output: both paths stop right after it
-    fast, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos)
-    slow, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos, fast_greedy=False)
-    assert torch.equal(fast, slow) and fast[0, -1] == eos and eos not in fast[0, :-1].tolist()
+        greedy, greedy_st = speculative_generate(target, draft, prompt, 50, k=k)
+        sampled, sampled_st = speculative_generate(
+            target, draft, prompt, 50, k=k, sampler=cold, generator=torch.Generator().manual_seed(k)
+        )
+        assert torch.equal(greedy, sampled) and greedy.shape == (1, 50)
+        assert greedy_st == sampled_st and 0 < greedy_st.accepted < greedy_st.proposed
+    eos = int(greedy[0, 20])  # a token that first occurs somewhere in the output: both stop right after it
+    greedy, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos)
+    sampled, _ = speculative_generate(target, draft, prompt, 50, k=3, eos_id=eos, sampler=cold)
+    assert torch.equal(greedy, sampled) and greedy[0, -1] == eos and eos not in greedy[0, :-1].tolist()
+    assert torch.equal(greedy, generate(target, prompt, 50, eos_id=eos))
+
+
+def test_repetition_penalty_greedy_equals_target(pair):
+    target, draft = pair
+    s = Sampler(temperature=0, repetition_penalty=1.5)
+    prompt = torch.tensor([1, 2, 3])
+    out, stats = speculative_generate(target, draft, prompt, 40, k=3, sampler=s)
+    assert torch.equal(out, generate(target, prompt, 40, s))
+    assert 0 < stats.accepted < stats.proposed
 
 
 def test_greedy_with_an_unrelated_draft_still_exact():

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ch01.pretrained import pretrained_char_model, val_loss
+from ch01.evaluate import evaluate_loss
+from ch01.pretrained import pretrained_char_model
 from ch08.export_onnx import (
     DecodeGraph,
     export_decode,
@@ -63,7 +64,7 @@ def test_full_graph_parity_and_int8_val_loss(tiny, tmp_path):
         x = torch.randint(0, model.config.vocab_size, (B, T))
         with torch.no_grad():
             assert np.abs(sess.run(None, {"input_ids": x.numpy()})[0] - model(x).numpy()).max() <= 1e-4
-    ref = val_loss(model, val_ids, max_batches=4)
+    ref = evaluate_loss(model, val_ids, max_batches=4)
     assert abs(ort_val_loss(sess, val_ids, model.config.block_size, max_batches=4) - ref) < 1e-4
     full_cfg = parse_config(render_configs(model.config)["mini_gpt_onnx"])  # Triton: batch axis implicit
     check_config_against_onnx(full_cfg, sess, batch_axis_implicit=True)
@@ -179,7 +180,7 @@ def test_triton_python_backend_generates_like_torch(tiny, decode_path, tmp_path,
     gen_dir = tmp_path / "mini_gpt_generate" / "1"
     gen_dir.mkdir(parents=True)
     shutil.copy(REPO / "mini_gpt_generate" / "1" / "model.py", gen_dir / "model.py")
-    tok.save(gen_dir / "tokenizer.json")
+    tok.save(gen_dir)
     cfg = model.config
     (gen_dir / "model_config.json").write_text(
         json.dumps(

@@ -1,6 +1,6 @@
 """Chapter 08 server: a real uvicorn server on 127.0.0.1 driven by the official openai client and raw httpx.
 
-References: outputs are compared with ch01's ``GPT.generate`` (no cache, one sequence at a time).
+References: outputs are compared with ch01's ``generate`` (greedy, one sequence at a time).
 """
 
 import asyncio
@@ -11,8 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
+from ch01.generate import generate
 from ch01.model import GPT, GPTConfig
 from ch01.pretrained import pretrained_char_model
 from ch08.engine import Engine, PagedEngine, TorchBackend
@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory):
     long.load_state_dict(model.state_dict())
     d = tmp_path_factory.mktemp("ckpt") / MODEL
     long.save(d)
-    tok.save(d / "tokenizer.json")
+    tok.save(d)
     return d
 
 
@@ -51,8 +51,7 @@ def client(server):
 
 def reference(server, prompt: str, n: int) -> str:
     tok, model = server["tok"], server["model"]
-    out = model.generate(torch.tensor([tok.encode(prompt)]), n, temperature=0.0)
-    return tok.decode(out[0, len(prompt) :].tolist())
+    return tok.decode(generate(model, [tok.encode(prompt)], n, temperature=0.0)[0])
 
 
 def metric(url: str, name: str) -> float:
@@ -60,27 +59,54 @@ def metric(url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-@pytest.mark.parametrize("kind", ["slots", "paged"])
-def test_engine_batched_decode_equals_single_sequence_generate(kind):
-    """Sequences of different lengths decoded together (slots: left padding + RoPE re-rotation; paged: ch07's
-    per-row positions) == each alone with ch01's plain generate, greedy, token for token."""
+def serve_schedule(engine, prompts: list[list[int]], arrivals: list[int], n_new: int) -> list[list[int]]:
+    """A minimal continuous-batching loop (greedy): before step t the prompts arriving at t are prefilled (-> their
+    first token); each step decodes every running sequence once; a sequence leaves after n_new tokens."""
+    outs: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    running: dict[int, int] = {}  # prompt index -> slot
+    t = 0
+    while any(len(o) < n_new for o in outs.values()):
+        if running:
+            ids = list(running)
+            nxt = engine.decode([running[i] for i in ids], [outs[i][-1] for i in ids]).argmax(-1).tolist()
+            for i, tok in zip(ids, nxt):
+                outs[i].append(tok)
+        for i in [i for i in running if len(outs[i]) == n_new]:
+            engine.release(running.pop(i))
+        for i in (i for i, a in enumerate(arrivals) if a == t):
+            running[i] = engine.alloc()
+            outs[i].append(int(engine.prefill(running[i], prompts[i]).argmax()))
+        t += 1
+    return [outs[i] for i in range(len(prompts))]
+
+
+SCHEDULES = {
+    "together": [0, 0, 0, 0, 0],
+    "staggered": [0, 6, 6, 25, 27],  # alone (fast path) -> joined by two -> alone again -> joined
+    "one_at_a_time": [0, 25, 50, 75, 100],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("kind", ["slots", "paged", "paged-model"])
+def test_engine_serves_exactly_the_tokens_of_generate(kind, schedule):
+    """Sequences of different lengths, decoded together, staggered or one at a time, give token for token what ch01's
+    ``generate`` gives each alone (greedy). slots: the ONNX decode graph's engine (eager torch), one call per length;
+    paged: ch07's paged cache + FusedDecoder (with the single-sequence fast path); paged-model: ch01's forward."""
     model, tok, _ = pretrained_char_model("tiny", 200, verbose=False)
     prompts = ["ROMEO:", "First Citizen:\nBefore", "O", "KING RICHARD III:\nNow is", "ROMEO:"]  # repeat: prefix cache
+    ids = [tok.encode(p) for p in prompts]
     if kind == "slots":
         engine = Engine(model, TorchBackend(model), max_slots=5)
     else:
-        engine = PagedEngine(model, max_slots=5, block_size=4)
-    slots = [engine.alloc() for _ in prompts]
-    nxt = [int(engine.prefill(s, tok.encode(p)).argmax()) for s, p in zip(slots, prompts)]
-    outs = [[t] for t in nxt]
-    for _ in range(20):
-        nxt = engine.decode(slots, nxt).argmax(-1).tolist()
-        for o, t in zip(outs, nxt):
-            o.append(t)
-    for p, o in zip(prompts, outs):
-        ref = model.generate(torch.tensor([tok.encode(p)]), 21, temperature=0.0)[0, len(p) :].tolist()
-        assert o == ref, p
-    if kind == "paged":
+        engine = PagedEngine(model, max_slots=5, block_size=4, fused=kind == "paged")
+    outs = serve_schedule(engine, ids, SCHEDULES[schedule], 20)
+    assert outs == [generate(model, [p], 20, temperature=0.0)[0] for p in ids]
+    assert len(engine.free) == 5
+    if kind.startswith("paged"):
+        assert engine.cache.num_free_blocks == engine.cache.num_blocks  # every block went back to the pool
+        assert (engine.solo_steps > 0) == (schedule != "together")  # a lone sequence took the contiguous fast path
+    if kind == "paged" and schedule == "together":
         assert engine.prefix_hit_tokens == 4  # the repeated prompt reused the first one's full 4-token block
 
 
@@ -92,6 +118,7 @@ def test_models_health_and_completion_matches_reference(server, client):
     assert r.choices[0].text == reference(server, "ROMEO:", 24)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (6, 24, 30)
+    assert server["state"].scheduler.engine.solo_steps > 0  # served alone: FusedDecoder's single-sequence fast path
 
 
 def test_streaming_equals_non_streaming(server, client):

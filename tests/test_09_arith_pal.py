@@ -82,12 +82,30 @@ def test_finetune_learns_and_batched_greedy_matches_unbatched_generate():
     pairs = [(p.text, p.expression) for p in make_problems(64, seed=0)]
     losses = finetune(model, tok, pairs, iters=40, batch_size=16, lr=3e-3)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # it learns the format
-    prompts = [p for p, _ in pairs[:4]]  # different lengths: exercises left padding + key_padding_mask + KV cache
+    prompts = [p for p, _ in pairs[:4]]  # different lengths: a ragged batch, each row at its own positions in the cache
     batched = greedy_complete(model, tok, prompts, max_new_tokens=12)
     for prompt, out in zip(prompts, batched):
         ids = torch.tensor([tok.encode(prompt + ">")])
         ref = tok.decode(model.generate(ids, 12, temperature=0)[0, ids.shape[1] :].tolist()).split("|")[0]
         assert out == ref
+
+
+@pytest.mark.timeout(120)
+def test_seq2seq_losses_and_completions_are_pinned(one_thread):
+    """Values recorded with the pre-refactor code (left padding + key-padding mask, its own decode loop): moving the
+    decoding onto ch01's ``generate`` kept every loss and every completion, greedy or sampled, batched or not."""
+    tok = task_tokenizer()
+    probs = make_problems(40, seed=0)
+    torch.manual_seed(0)
+    model = task_model(tok, n_layer=2, n_embd=64, n_head=4, block_size=128)
+    losses = finetune(model, tok, [(p.text, str(p.answer)) for p in probs], iters=150, batch_size=8, lr=3e-3, seed=0)
+    assert losses[:4] == pytest.approx([3.968893, 3.95085, 3.918013, 3.823152], abs=1e-5)
+    prompts = [p.text for p in probs[:6]]  # 45 to 64 characters: a ragged batch
+    greedy = ["117", "20", "24", "206", "204", "59"]
+    assert greedy_complete(model, tok, prompts, 12) == greedy
+    assert greedy_complete(model, tok, prompts, 12, batch_size=2) == greedy
+    sampled = greedy_complete(model, tok, prompts[:3], 12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert sampled == ["117", "20", "2416"]
 
 
 def test_pal_scoring_runs_programs_in_the_sandbox(monkeypatch):

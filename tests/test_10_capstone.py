@@ -25,10 +25,23 @@ def run_dir(tmp_path_factory):
 
 def test_every_artifact_exists(run_dir):
     d, metrics = run_dir
-    for rel in ["tokenizer/vocab.json", "tokenizer/merges.txt", "data/train.npy", "data/val.npy",
-                "checkpoints/ckpt.safetensors", "model/model.safetensors", "model/config.json", "model/vocab.json",
-                "loss.png", "samples.txt", "metrics.json", "report.md", "exports/hf/config.json",
-                "exports/onnx/model.onnx", "exports/onnx/decode.onnx"]:
+    for rel in [
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "data/train.npy",
+        "data/val.npy",
+        "checkpoints/ckpt.safetensors",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/vocab.json",
+        "loss.png",
+        "samples.txt",
+        "metrics.json",
+        "report.md",
+        "exports/hf/config.json",
+        "exports/onnx/model.onnx",
+        "exports/onnx/decode.onnx",
+    ]:
         assert (d / rel).exists(), rel
     assert set(metrics) >= {"tokenizer", "data", "train", "eval", "quantize", "export", "report"}
     ev = metrics["eval"]
@@ -56,6 +69,21 @@ def test_hf_export_gives_same_logits(run_dir):
     x = torch.from_numpy(np.load(d / "data" / "val.npy")[:64].astype(np.int64))[None]
     with torch.no_grad():
         assert (hf(input_ids=x).logits - ours(x)).abs().max().item() < 1e-4
+
+
+def test_hf_export_tokenizer_and_pipeline_give_our_tokens(run_dir):
+    from transformers import AutoTokenizer, pipeline
+
+    d, _ = run_dir
+    tok, hf_dir = Tokenizer.load(d / "tokenizer"), d / "exports" / "hf"
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?<|endoftext|>"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    ours = GPT.load(d / "model").eval()
+    prompt = torch.tensor([tok.encode("ROMEO:\n")])
+    expected = tok.decode(ours.generate(prompt, 8, temperature=0)[0].tolist())
+    generator = pipeline("text-generation", model=str(hf_dir))
+    assert generator("ROMEO:\n", max_new_tokens=8, do_sample=False)[0]["generated_text"] == expected
 
 
 def test_onnx_export_same_greedy_tokens(run_dir):
@@ -91,7 +119,7 @@ def test_gguf_runs_in_llama_cpp(run_dir):
     llm = load_llama_cpp(d / "exports" / "minigpt-f16.gguf", model.config.block_size, n_threads=2)
     ids = tok.encode("ROMEO:\nWhat say'st thou?")
     assert llm.tokenize(b"ROMEO:\nWhat say'st thou?", add_bos=False, special=False) == ids
-    ours = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+    ours = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids) :].tolist()
     assert llama_cpp_greedy(llm, ids, 20) == ours
     llm.close()
 
@@ -108,7 +136,6 @@ def test_rerun_skips_up_to_date_stages(run_dir, capsys):
 def test_force_retrains_from_scratch_and_interrupted_training_resumes(run_dir, tmp_path):
     import shutil
 
-    from ch10.config import load_config
     from ch10.stages import Run, run_stage
 
     d, _ = run_dir
@@ -116,27 +143,47 @@ def test_force_retrains_from_scratch_and_interrupted_training_resumes(run_dir, t
     shutil.copytree(d, root / "tiny")
     run = Run(load_config("tiny"), root, progress=False)
     stages = json.loads((root / "tiny" / "stages.json").read_text())
-    del stages["train"]  # as if training had been interrupted after its last checkpoint
+    stages["train"]["done"] = False  # as if training had been interrupted after its last checkpoint
     (root / "tiny" / "stages.json").write_text(json.dumps(stages))
     assert run_stage(run, "train")["resumed"] is True
     run.force = True
     assert run_stage(run, "train")["resumed"] is False
 
 
+def test_a_changed_setting_reruns_its_stage_and_what_follows(run_dir):
+    from ch10.stages import STAGES, Run
+
+    d, _ = run_dir
+    cfg = load_config("tiny")
+    assert all(Run(cfg, d.parent).up_to_date(s) for s in STAGES)
+    cfg["eval"]["decode_tokens"] += 1
+    changed = Run(cfg, d.parent)
+    assert [s for s in STAGES if changed.up_to_date(s)] == ["tokenizer", "data", "train"]
+    cfg = load_config("tiny")
+    cfg["train"]["lr"] *= 2
+    changed = Run(cfg, d.parent)
+    assert [s for s in STAGES if changed.up_to_date(s)] == ["tokenizer", "data"]
+    assert not changed.started("train")  # its checkpoint belongs to other settings: training would start over
+    assert isinstance(changed.tokens("train"), np.memmap)  # batches are drawn from the memory map
+
+
 def test_server_answers_through_openai_client(run_dir):
     import openai
 
     from ch08.serve_thread import ServerThread
-    from ch08.server import build_state, load_model
+    from ch10.minigpt import server_state
+    from ch10.stages import Run
 
     d, _ = run_dir
-    model, tok, _ = load_model(str(d / "model"))
-    state = build_state(model, tok, "minigpt", max_batch=4, shutdown_timeout=2.0)
+    run = Run(load_config("tiny"), d.parent)
+    state = server_state(run)  # what `minigpt.py serve` runs behind uvicorn
+    state.shutdown_timeout = 2.0
     with ServerThread(state) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         resp = client.completions.create(model="minigpt", prompt="ROMEO:", max_tokens=12, temperature=0)
+    model, tok = run.model(), run.tokenizer()
     ids = tok.encode("ROMEO:")
-    expected = tok.decode(model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids):].tolist())
+    expected = tok.decode(model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :].tolist())
     assert resp.choices[0].text == expected and resp.usage.completion_tokens == 12
 
 

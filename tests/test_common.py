@@ -81,6 +81,48 @@ def test_cached_tokens_memmap(tmp_path, monkeypatch):
     assert again.tolist() == list(b"hello")
 
 
+def test_get_batch_reads_only_its_windows_from_a_memmap(tmp_path):
+    import tracemalloc
+
+    np.save(tmp_path / "t.npy", np.arange(8_000_000, dtype=np.int64) % 60_000)  # 64 MB on disk
+    mm = np.load(tmp_path / "t.npy", mmap_mode="r")
+    tracemalloc.start()
+    x, y = data.get_batch(mm, 4, 32, generator=torch.Generator().manual_seed(0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # a few windows, never the 64 MB array
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(
+        x, torch.from_numpy(mm[x[:, 0].numpy()[:, None] + np.arange(32)])
+    )
+
+
+def test_fingerprint_same_settings_same_key_any_change_new_key():
+    settings = {"lr": 1e-3, "layers": 2, "name": "tiny"}
+    assert data.fingerprint(settings) == data.fingerprint(dict(reversed(settings.items())))  # key order is irrelevant
+    assert data.fingerprint(settings) != data.fingerprint({**settings, "lr": 2e-3})
+    assert data.fingerprint(settings, 1) != data.fingerprint(settings, 2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    key = data.fingerprint(model, settings)
+    assert key == data.fingerprint(model.state_dict(), settings) and len(key) == 12
+    with torch.no_grad():
+        model.weight[1, 2] += 1e-6  # one weight, a tiny change
+    assert data.fingerprint(model, settings) != key
+    x = torch.zeros(4)
+    assert (
+        data.fingerprint(x) != data.fingerprint(x.view(2, 2)) != data.fingerprint(x.double())
+    )  # shape and dtype count
+    assert data.fingerprint(x.numpy()) == data.fingerprint(np.zeros(4, np.float32))
+
+
+def test_keyed_cache_dir_one_folder_per_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_ROADMAP_CACHE", str(tmp_path))
+    a = data.keyed_cache_dir("ch99", "model", key={"iters": 10})
+    assert a == data.keyed_cache_dir("ch99", "model", key={"iters": 10}) and a.is_dir()
+    assert a.parent == tmp_path / "ch99" and a.name == f"model-{data.fingerprint({'iters': 10})}"
+    assert data.keyed_cache_dir("ch99", "model", key={"iters": 11}) != a
+
+
 def test_hf_dataset_view(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_ROADMAP_CACHE", str(tmp_path))
     f = tmp_path / "c.txt"
@@ -184,6 +226,16 @@ def test_bench_ratio_of_known_cost_callables():
     assert table.splitlines()[0] == "| name | speedup |" and "| fast |" in table
 
 
+def test_markdown_table_formats():
+    rows = [{"name": "a", "loss": 1.23456, "err": 3.1e-7, "n": 1234567, "ok": True}]
+    assert bench.markdown_table(rows, floatfmt=".2f", formats={"err": ".1e", "n": ","}).splitlines() == [
+        "| name | loss | err | n | ok |",
+        "|---|---|---|---|---|",
+        "| a | 1.23 | 3.1e-07 | 1,234,567 | True |",
+    ]
+    assert bench.markdown_table([], ["a", "b"]) == "| a | b |\n|---|---|" and bench.markdown_table([]) == ""
+
+
 def test_peak_memory_sees_a_large_allocation():
     def alloc():
         x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
@@ -198,13 +250,15 @@ def test_peak_memory_sees_a_large_allocation():
 def test_cli_rejects_a_missing_device_in_one_sentence(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
-        base_parser("x").parse_args(["--device", "cuda"])
+        base_parser("x", device=True).parse_args(["--device", "cuda"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "Traceback" not in err
 
 
-def test_cli_shared_arguments():
-    args = base_parser("x").parse_args(["--device", "cpu", "--seed", "3"])
+def test_cli_shared_arguments_are_opt_in():
+    args = base_parser("x", device=True, seed=True, dtype=True).parse_args(["--device", "cpu", "--seed", "3"])
     assert (args.device, args.seed, args.dtype) == ("cpu", 3, "float32")
+    with pytest.raises(SystemExit):  # a script that did not ask for --dtype does not offer it
+        base_parser("x", seed=True).parse_args(["--dtype", "float32"])
     assert os.path.basename(__file__).startswith("test_common")

