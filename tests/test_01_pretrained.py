@@ -181,3 +181,16 @@ def test_hf_dir_missing_a_file_names_it(hf_export, tmp_path):
     (broken / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_pretrained(broken)
+
+
+def test_bench_bpb_compares_tokenizers_on_the_same_bytes(smollm2, monkeypatch):
+    from ch01 import bench_bpb
+
+    monkeypatch.setattr(bench_bpb, "load_pretrained", lambda name: smollm2)
+    out = bench_bpb.main(["--preset", "tiny", "--max-iters", "30", "--chars", "600"])
+    rows = {(r["model"].split(",")[-1].strip(), r["context"]): r for r in out["rows"]}
+    assert out["bytes"] == 600 and len(rows) == 4
+    char, bpe = rows[("char (65 tokens)", 64)], rows[("bpe (512 tokens)", 64)]
+    assert char["tokens"] == 600 > bpe["tokens"] > rows[("smollm2-135m-instruct", 1024)]["tokens"]
+    assert all(0.5 < r["bpb"] < 8 for r in rows.values())  # below uniform over bytes, above a perfect model
+    assert rows[("smollm2-135m-instruct", 1024)]["bpb"] < char["bpb"]  # 30 steps of training vs a real LLM
