@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ch01.scoring import loglikelihood_rolling_ids, model_device
 from common.data import get_batch
 
 
@@ -71,33 +72,20 @@ def evaluate_loss(
 
 
 def _model_device(model) -> torch.device:
-    params = getattr(model, "parameters", None)
-    first = next(params(), None) if params is not None else None
-    return first.device if first is not None else torch.device("cpu")
+    return model_device(model)
 
 
 @torch.no_grad()
 def bits_per_byte(model, tokenizer, text: str, block_size: int | None = None, batch_size: int = 8) -> float:
     """Held-out bits per UTF-8 byte: sum of next-token NLL (nats) / ln 2 / bytes of the predicted text.
 
-    The text is cut into consecutive windows of ``block_size`` + 1 tokens that share one token at each seam, so every
-    token after the first is predicted exactly once (context restarts at each window, as in ``evaluate_loss``)."""
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+    Every token after the first is predicted exactly once, in windows of ``block_size`` tokens that share one token at
+    each seam (context restarts at each window, as in ``evaluate_loss``); the shorter remainder at the end is predicted
+    from a full window. The windows are ``ch01.scoring``'s rolling log-likelihood (lm-evaluation-harness's)."""
+    ids = list(tokenizer.encode(text))  # (N,)
     if len(ids) < 2:
         raise ValueError("bits_per_byte needs a text of at least two tokens")
     block_size = min(block_size or 1024, model.config.block_size) if hasattr(model, "config") else block_size or 1024
-    n_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
-    starts = list(range(0, len(ids) - 1, block_size))
-    full = [s for s in starts if s + block_size + 1 <= len(ids)]
-    device, total = _model_device(model), 0.0
-    for i in range(0, len(full), batch_size):
-        w = torch.stack([ids[s : s + block_size + 1] for s in full[i : i + batch_size]]).to(device)  # (B, T+1)
-        total += _nll_sum(model, w)
-    if starts[-1] not in full:  # the shorter last window
-        total += _nll_sum(model, ids[starts[-1] :][None].to(device))
+    n_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    total = -loglikelihood_rolling_ids(model, ids[1:], ids[0], block_size, batch_size)
     return total / math.log(2) / max(n_bytes, 1)
-
-
-def _nll_sum(model, w: torch.Tensor) -> float:
-    logits = torch.as_tensor(model(w[:, :-1])).float()  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()

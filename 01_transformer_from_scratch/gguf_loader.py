@@ -55,6 +55,14 @@ def gguf_to_ours(name: str) -> str:
     raise ValueError(f"unexpected tensor {name!r} for the llama architecture")
 
 
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of W_q / W_k from rotate-half order (i, i + D/2) to llama.cpp's interleaved order (2i, 2i+1), per head —
+    what the converter does when it writes a GGUF (chapter 06's writer too)."""
+    rows, cols = w.shape
+    d = rows // n_head
+    return w.reshape(n_head, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)  # (H·D, C)
+
+
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation: inside each head, rows (0, D/2, 1, D/2+1, …) -> (0 … D/2-1, D/2 … D-1)."""
     rows, cols = w.shape

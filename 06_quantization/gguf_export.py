@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ch01.char_tokenizer import CharTokenizer
+from ch01.gguf_loader import permute_rope  # one home for the Q/K row order (and its inverse)
 from ch01.model import GPT
 from ch06.gguf_reader import QK, dequantize_q4_0, dequantize_q8_0  # the block layouts' one home: our reader
 
@@ -84,12 +85,6 @@ QUANTIZERS = {"q8_0": (quantize_q8_0, dequantize_q8_0), "q4_0": (quantize_q4_0, 
 
 
 # ---------------------------------------------------------------------------------------------- tensors + metadata
-
-
-def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of W_q / W_k from rotate-half order (i, i + D/2) to llama.cpp's interleaved order (2i, 2i + 1), per head."""
-    out_f = w.shape[0]
-    return w.reshape(n_head, 2, out_f // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_tensors(model: GPT) -> list[tuple[str, torch.Tensor]]:
@@ -246,7 +241,8 @@ def export_gguf(model: GPT, tok, path: str | Path, qtype: str = "f32", name: str
 def q8_0_activations(module, inputs):
     """llama.cpp's CPU matmul for Q8_0/Q4_0 weights first quantizes the activations to Q8_0 blocks as well."""
     x = inputs[0]
-    return (dequantize_q8_0(quantize_q8_0(x.reshape(-1, x.shape[-1])), x.shape).to(x.dtype),)
+    q = quantize_q8_0(x.reshape(-1, x.shape[-1]).cpu())  # our quantizers return numpy bytes: CPU
+    return (dequantize_q8_0(q, x.shape).to(x.device, x.dtype),)
 
 
 @torch.no_grad()
