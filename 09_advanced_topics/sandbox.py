@@ -4,22 +4,25 @@
     r = run_program("x = 3 * 4\\nanswer = x + 1")
     r.ok, r.answer, r.stdout, r.error          # True, 13, '', None
 
-Layers (each one alone should stop an attack; together they are defence in depth):
-1. An AST allow-list, checked in the caller before anything runs: arithmetic, comparisons, assignments, if/for/while,
-   lists/tuples/subscripts and calls to a dozen harmless builtins. No imports, no attribute access at all (so no
-   ``().__class__.__base__.__subclasses__()``), no names starting with ``_``, no def/lambda/class/with/try, no
-   references to any other builtin (``open``, ``exec``, ``eval``, ``getattr``, ``globals`` ...), no shadowing the
-   allowed ones, and a cap on source length and AST size.
-2. A separate process: ``python -I -S`` running a tiny trusted runner, in its own session (the whole process group is
-   killed on a wall-clock timeout), in an empty temporary working directory, with an empty environment, optionally in a
-   fresh network namespace (``unshare -n``) so there is no network even if code got out.
-3. Inside the runner, before the untrusted code runs: ``setrlimit`` on CPU seconds, address space (RLIMIT_AS), file
-   size, open files, core dumps and processes (RLIMIT_NPROC = 0: no fork); when started as root it drops to ``nobody``
-   (root ignores RLIMIT_NPROC). The code runs with a restricted ``__builtins__`` (the same dozen names; ``print`` writes
-   to a capped buffer), so even code that skipped layer 1 has no ``__import__`` and no ``open``.
-4. Output is capped: the captured prints, the answer's size, and the bytes the caller reads back.
+Layers, outermost last; the README's table says which attack each one stops, and what none of them stops:
+1. An AST allow-list, checked in the caller: arithmetic, comparisons, assignments, if/for/while, lists/tuples/subscripts
+   and calls to a dozen harmless builtins. No imports, no attribute access, no names starting with ``_``, no other
+   builtin, no def/lambda/class/with/try, capped source length and AST size. A filter, not a wall.
+2. Restricted ``__builtins__`` in the program's interpreter (the same dozen names; ``print`` is capped).
+3. OS isolation by bubblewrap (sandbox_bwrap.py), fail closed: new user, mount, PID, network, IPC and UTS namespaces;
+   a read-only view of the interpreter only (no /etc, /home, /root, /tmp, /run of the host), a private empty read-only
+   ``/tmp`` (``sandbox_bwrap.TMP_BYTES > 0``: a writable tmpfs of that size), read-only ``/dev`` (so ``/dev/shm``
+   too), ``/proc`` of its own PID namespace, no network but ``lo``, an empty environment.
+4. Inside, a trusted runner (sandbox_runner.py) forks the program, which closes every fd but stdin/stdout/stderr and two
+   pipes, becomes uid 1000 of the namespace (a host uid of its own per concurrent run when the caller is root), sets
+   rlimits (CPU, address space, file size, open files, processes = 0, core = 0), no_new_privs and a seccomp filter
+   (no exec, fork, sockets, ptrace, namespaces, mounts, bpf, io_uring, keyring...; signals only to itself), checks
+   that every one of those holds, and only then runs the source. If any part of the isolation cannot be set up,
+   :class:`SandboxUnavailable` is raised and nothing runs.
+5. A result channel the program never holds: the runner writes one record (netstrings, strictly parsed, typed scalar
+   answer) to a memfd that the program's process closes before the source runs; stdout/stderr are separate memfds capped by RLIMIT_FSIZE. The
+   parent checks type and size again; nothing the program does raises in the caller. Wall-clock timeout on both sides.
 
-The result is a :class:`SandboxResult` (ok, answer, stdout, error); nothing the program does raises in the caller.
 Reference idea: Gao et al. 2023, "PAL: Program-aided Language Models" (they ran programs with a plain ``exec``).
 """
 
@@ -27,15 +30,21 @@ from __future__ import annotations
 
 import ast
 import builtins
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+
+from ch09.sandbox_bwrap import RECORD_CAP, SandboxUnavailable, launch
+from ch09.sandbox_runner import MARKER, decode_value, parse_netstrings
+
+__all__ = [
+    "SandboxResult",
+    "SandboxUnavailable",
+    "SandboxViolation",
+    "check_program",
+    "run_many",
+    "run_program",
+    "unavailable_reason",
+]
 
 ALLOWED_CALLS = frozenset(
     {
@@ -117,6 +126,7 @@ class SandboxResult:
     error: str | None = (
         None  # why it failed: "refused: ...", "timeout ...", "memory limit ...", "ZeroDivisionError: ..."
     )
+    stderr: str = ""  # what it wrote to fd 2 directly (capped); empty for programs that pass the AST check
 
 
 def check_program(source: str) -> ast.Module:
@@ -177,77 +187,6 @@ def _check_name(node: ast.Name, line) -> None:
         raise SandboxViolation(f"builtin '{node.id}' is not allowed (line {line})")
 
 
-# The trusted runner, executed by ``python -I -S -c``. It reads {"source", limits} as JSON on stdin, limits itself, then
-# runs the code with a restricted __builtins__ and prints one JSON line. Keep it short: it is part of the boundary.
-RUNNER = r"""
-import json, os, resource, sys
-cfg = json.loads(sys.stdin.read())
-sys.stdin.close()
-def lim(which, value, hard=None):
-    try:
-        resource.setrlimit(which, (value, value if hard is None else hard))
-    except (ValueError, OSError):
-        pass
-if os.getuid() == 0 and cfg["drop_root"]:
-    try:
-        os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    except OSError:
-        pass  # root inside a user namespace only: not really root, nothing to drop
-lim(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)  # SIGXCPU at soft, SIGKILL at hard
-lim(resource.RLIMIT_AS, cfg["mem_bytes"])
-lim(resource.RLIMIT_FSIZE, cfg["fsize"])
-lim(resource.RLIMIT_CORE, 0)
-lim(resource.RLIMIT_NPROC, 0)
-lim(resource.RLIMIT_NOFILE, 16)
-out, size, cap = [], [0], cfg["max_output"]
-class OutputLimit(Exception):
-    pass
-def capped_print(*args, sep=" ", end="\n"):
-    text = str(sep).join(str(a) for a in args) + str(end)
-    size[0] += len(text)
-    if size[0] > cap:
-        raise OutputLimit(f"output exceeded {cap} characters")
-    out.append(text)
-import builtins as b
-safe = {n: getattr(b, n) for n in cfg["allowed"] if n != "print"}
-safe["print"] = capped_print
-g = {"__builtins__": safe}
-res = {"ok": True, "answer": None, "error": None}
-try:
-    exec(compile(cfg["source"], "<program>", "exec"), g)
-    a = g.get("answer")
-    if isinstance(a, int) and not isinstance(a, bool) and a.bit_length() > 200:
-        raise OverflowError("answer is an integer of more than 200 bits")
-    if not isinstance(a, (int, float, str, bool, type(None))):
-        raise TypeError(f"answer has unsupported type {type(a).__name__}")
-    res["answer"] = a[:cap] if isinstance(a, str) else a
-except MemoryError:
-    res.update(ok=False, error="memory limit exceeded (MemoryError)")
-except RecursionError:
-    res.update(ok=False, error="recursion limit exceeded")
-except BaseException as e:
-    res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-res["stdout"] = "".join(out)[:cap]
-sys.stdout.write(json.dumps(res))
-sys.stdout.flush()
-"""
-
-
-@lru_cache(maxsize=1)
-def network_isolation_prefix() -> tuple[str, ...]:
-    """``("unshare", "-n")`` (or ``-rn`` unprivileged) when this machine allows a private network namespace, else ()."""
-    exe = shutil.which("unshare")
-    if exe is None or not sys.platform.startswith("linux"):
-        return ()
-    for flags in (("-n",), ("-r", "-n")):
-        try:
-            if subprocess.run([exe, *flags, "true"], capture_output=True, timeout=5).returncode == 0:
-                return (exe, *flags)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return ()
-
-
 def run_program(
     source: str,
     *,
@@ -255,11 +194,11 @@ def run_program(
     cpu_s: int = 2,
     memory_mb: int = 256,
     max_output: int = 10_000,
-    isolate_network: bool = True,
     check_ast: bool = True,
 ) -> SandboxResult:
-    """Vet then run ``source`` in a limited child process; return its ``answer``. Never raises for bad programs.
+    """Vet then run ``source`` in the sandbox; return its ``answer``. Never raises because of the program.
 
+    Raises :class:`SandboxUnavailable` (and runs nothing) when this machine cannot provide the isolation.
     ``check_ast=False`` skips layer 1 — only for tests that show the other layers still contain an attack.
     """
     if check_ast:
@@ -269,85 +208,54 @@ def run_program(
             return SandboxResult(ok=False, error=f"refused: {e}")
     if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
         return SandboxResult(ok=False, error="refused: program must be a str of at most MAX_SOURCE_CHARS characters")
+    max_output = int(max_output)
     cfg = {
         "source": source,
+        "timeout_s": float(timeout_s),
         "cpu_s": int(cpu_s),
         "mem_bytes": int(memory_mb) << 20,
         "fsize": 4 * max_output + 65536,
-        "max_output": int(max_output),
+        "max_output": max_output,
         "allowed": sorted(ALLOWED_CALLS),
-        "drop_root": True,
     }
-    prefix = list(network_isolation_prefix()) if isolate_network else []
-    cmd = [*prefix, sys.executable, "-I", "-S", "-c", RUNNER]
-    with tempfile.TemporaryDirectory(prefix="sandbox_") as workdir, tempfile.TemporaryFile() as out_f:
-        os.chmod(workdir, 0o777)  # the runner may drop to nobody; the folder is empty and deleted afterwards
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=out_f,
-                stderr=subprocess.DEVNULL,
-                cwd=workdir,
-                env={"LC_ALL": "C.UTF-8"},
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as e:
-            return SandboxResult(ok=False, error=f"could not start the sandbox process: {e}")
-        try:
-            proc.stdin.write(json.dumps(cfg).encode())
-            proc.stdin.close()
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return SandboxResult(ok=False, error=f"timeout: still running after {timeout_s:g} s wall clock (killed)")
-        except BrokenPipeError:
-            proc.wait(timeout=timeout_s)
-        finally:
-            _kill_group(proc)  # nothing it started may outlive it
-        out_f.seek(0)
-        raw = out_f.read(4 * max_output + 65536)
-    return _decode(proc.returncode, raw, cpu_s)
+    record, out, err, timed_out = launch(cfg, timeout_s, cfg["fsize"])
+    stdout, stderr = (b.decode("utf-8", "replace")[:max_output] for b in (out, err))
+    return _decode(record, stdout, stderr, timed_out, cfg)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _decode(record: bytes, stdout: str, stderr: str, timed_out: bool, cfg: dict) -> SandboxResult:
+    if not record.startswith(MARKER):  # the runner never started: bwrap failed (or the machine is hopelessly slow)
+        if timed_out:
+            return SandboxResult(ok=False, stdout=stdout, error="timeout: the sandbox did not start in time (killed)")
+        raise SandboxUnavailable(f"the sandbox could not be set up: {stderr.strip()[-1000:] or 'no message'}")
+    if record == MARKER:
+        why = f"timeout: still running after {cfg['timeout_s']:g} s wall clock (killed)" if timed_out else None
+        return SandboxResult(ok=False, stdout=stdout, stderr=stderr, error=why or "the sandbox runner died")
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+        status, answer, error = parse_netstrings(record[len(MARKER) :], 3, RECORD_CAP)
+        if status == b"setup":
+            raise SandboxUnavailable(error.decode("utf-8", "replace"))
+        if status not in (b"ok", b"error"):
+            raise ValueError(f"unknown status {status[:20]!r}")
+        value = decode_value(answer, cfg["max_output"]) if status == b"ok" else None
+    except ValueError as e:
+        return SandboxResult(ok=False, stdout=stdout, stderr=stderr, error=f"malformed result record: {e}")
+    err = error.decode("utf-8", "replace") or None
+    return SandboxResult(ok=status == b"ok", answer=value, stdout=stdout, stderr=stderr, error=err)
 
 
-def _decode(returncode: int, raw: bytes, cpu_s: int) -> SandboxResult:
-    if returncode is not None and returncode < 0:
-        try:
-            sig = signal.Signals(-returncode).name
-        except ValueError:
-            sig = f"signal {-returncode}"
-        reason = {
-            "SIGXCPU": f"CPU time limit of {cpu_s} s exceeded",
-            "SIGXFSZ": "output limit exceeded",
-            "SIGKILL": "killed (memory or time limit)",
-            "SIGSEGV": "crashed (segmentation fault)",
-        }.get(sig, "")
-        return SandboxResult(ok=False, error=f"killed by {sig}" + (f": {reason}" if reason else ""))
+@lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None when this machine can run the sandbox, else why not (one probe run, cached). For tests that skip."""
     try:
-        res = json.loads(raw.decode("utf-8", errors="replace"))
-    except ValueError:
-        return SandboxResult(ok=False, error=f"runner exited with code {returncode} without a result")
-    if not isinstance(res, dict):
-        return SandboxResult(ok=False, error="runner returned a malformed result")
-    return SandboxResult(
-        ok=bool(res.get("ok")), answer=res.get("answer"), stdout=str(res.get("stdout", "")), error=res.get("error")
-    )
+        r = run_program("answer = 1")
+    except SandboxUnavailable as e:
+        return str(e)
+    return None if r.ok and r.answer == 1 else f"probe program failed: {r.error}"
 
 
 def run_many(sources: list[str], workers: int = 4, **limits) -> list[SandboxResult]:
-    """``run_program`` over many programs, a few child processes at a time (each still its own sandbox)."""
+    """``run_program`` over many programs, ``workers`` sandboxes at a time (each its own namespaces and uid)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

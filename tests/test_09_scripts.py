@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 
 from ch09 import neural_ode, ode_transformer, pal, self_improve
+from ch09.sandbox import unavailable_reason
+
+needs_sandbox = pytest.mark.skipif(
+    unavailable_reason() is not None, reason=f"chapter 09 sandbox unavailable: {unavailable_reason()}"
+)
 
 pytestmark = pytest.mark.timeout(300)
 
 
+@needs_sandbox
 def test_pal_main_tiny(tmp_path):
     res = pal.main(
         ["--n-train", "64", "--n-test", "8", "--iters", "3", "--n-layer", "1", "--n-embd", "32", "--out", str(tmp_path)]
