@@ -112,6 +112,9 @@ ALLOWED_NODES = (
 BUILTIN_NAMES = frozenset(dir(builtins))
 MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 1500
+# every builtin the sandbox's ``python -I -S`` has (``site`` adds the interactive helpers, absent there)
+FULL_PYTHON_BUILTINS = BUILTIN_NAMES - {"copyright", "credits", "exit", "help", "license", "quit", "_"}
+MAX_FULL_PYTHON_CHARS = 32_000  # ``full_python=True`` programs (HumanEval: prompt + completion + tests)
 
 
 class SandboxViolation(ValueError):
@@ -195,18 +198,24 @@ def run_program(
     memory_mb: int = 256,
     max_output: int = 10_000,
     check_ast: bool = True,
+    full_python: bool = False,
 ) -> SandboxResult:
     """Vet then run ``source`` in the sandbox; return its ``answer``. Never raises because of the program.
 
     Raises :class:`SandboxUnavailable` (and runs nothing) when this machine cannot provide the isolation.
     ``check_ast=False`` skips layer 1 — only for tests that show the other layers still contain an attack.
+    ``full_python=True`` drops layers 1 and 2 (any Python: def, class, imports, every builtin; sources up to
+    ``MAX_FULL_PYTHON_CHARS``) for code benchmarks such as HumanEval; only the OS layers 3-5 contain the program then.
     """
-    if check_ast:
+    if full_python:
+        if not isinstance(source, str) or len(source) > MAX_FULL_PYTHON_CHARS:
+            return SandboxResult(ok=False, error="refused: program must be a str of at most MAX_FULL_PYTHON_CHARS")
+    elif check_ast:
         try:
             check_program(source)
         except SandboxViolation as e:
             return SandboxResult(ok=False, error=f"refused: {e}")
-    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
+    elif not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
         return SandboxResult(ok=False, error="refused: program must be a str of at most MAX_SOURCE_CHARS characters")
     max_output = int(max_output)
     cfg = {
@@ -216,7 +225,7 @@ def run_program(
         "mem_bytes": int(memory_mb) << 20,
         "fsize": 4 * max_output + 65536,
         "max_output": max_output,
-        "allowed": sorted(ALLOWED_CALLS),
+        "allowed": sorted(FULL_PYTHON_BUILTINS if full_python else ALLOWED_CALLS),
     }
     record, out, err, timed_out = launch(cfg, timeout_s, cfg["fsize"])
     stdout, stderr = (b.decode("utf-8", "replace")[:max_output] for b in (out, err))
