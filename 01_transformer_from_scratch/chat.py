@@ -24,15 +24,6 @@ from ch01.pretrained import load_pretrained
 from common.cli import base_parser
 
 
-def chat_prompt_ids(tok, messages: list[dict]) -> list[int]:
-    """The conversation rendered with the model's chat template, ending in the assistant's turn, as token ids."""
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(
-            "this tokenizer has no chat template: chat needs an instruct model (e.g. smollm2-135m-instruct)"
-        )
-    return apply_chat_template(tok, messages, add_generation_prompt=True)
-
-
 def stop_ids_of(tok) -> list[int]:
     """Ids that end the assistant's turn: the end-of-sequence token and ChatML's ``<|im_end|>`` where present."""
     ids = {tok.special_ids[s] for s in ("<|im_end|>", "<|endoftext|>") if s in tok.special_ids}
@@ -67,7 +58,7 @@ def reply(
     **sampling,
 ) -> str:
     """The assistant's next message (streamed to ``on_text`` piece by piece). ``sampling``: temperature, top_k, …"""
-    prompt = chat_prompt_ids(tok, messages)
+    prompt = apply_chat_template(tok, messages, add_generation_prompt=True)  # ValueError without a template
     stops = stop_ids_of(tok)
     ids = (int(step[0]) for step in stream(model, [prompt], max_new_tokens, stop_ids=stops, **sampling))
     pieces = []

@@ -249,22 +249,13 @@ def _decoders(model, prompt, max_new, gguf, threads):
     engines = {"ch01 GPT": model, "FusedDecoder, torch": FusedDecoder(model, kernels=False)}
     engines["FusedDecoder, C kernels"] = FusedDecoder(model)
     runs = {name: ((lambda n, e=e: generate(e, prompt, n, temperature=0)[0]), per_token) for name, e in engines.items()}
-    llm = _llama_cpp(gguf, len(prompt) + max_new + 16, threads) if gguf is not None else None
-    if llm is not None:  # the reference engine on the GGUF file itself (SmolLM2: its Q4_1 blocks, as shipped)
-        from ch06.gguf_export import llama_cpp_greedy
+    from ch06.gguf_export import llama_cpp_greedy, load_llama_cpp  # load: None without llama-cpp-python
 
+    n_ctx = len(prompt) + max_new + 16
+    llm = load_llama_cpp(gguf, n_ctx, n_threads=threads, f32_kv_cache=False) if gguf is not None else None
+    if llm is not None:  # the reference engine on the GGUF file itself (SmolLM2: its Q4_1 blocks, as shipped)
         runs[f"llama.cpp, {gguf.name}"] = (lambda n: llama_cpp_greedy(llm, prompt, n)), gguf.stat().st_size
     return runs
-
-
-def _llama_cpp(gguf: Path, n_ctx: int, threads: int):
-    """llama.cpp on ``gguf`` with its default fp16 K/V cache (None without llama-cpp-python)."""
-    try:
-        from ch06.gguf_export import load_llama_cpp
-
-        return load_llama_cpp(gguf, n_ctx, n_threads=threads, f32_kv_cache=False)
-    except ImportError:
-        return None
 
 
 def _timed(runs: dict, n: int, repeats: int) -> tuple[dict, dict, dict]:
