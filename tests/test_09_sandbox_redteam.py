@@ -590,9 +590,15 @@ def nonroot_python(shared_dir):
     for exe in (os.path.realpath(sys.executable), "/usr/bin/python3"):
         try:
             subprocess.run([exe, "-c", "import json"], user=NONROOT_UID, group=NONROOT_UID, extra_groups=[], check=True)
-            return exe, str(pkg)
         except (OSError, subprocess.CalledProcessError):
             continue
+        probe = f"import sys; sys.path.insert(0, {str(pkg)!r}); import ch09.sandbox"
+        reach = subprocess.run(
+            [exe, "-I", "-c", probe], user=NONROOT_UID, group=NONROOT_UID, extra_groups=[], capture_output=True
+        )
+        if reach.returncode:  # e.g. a clone inside a 0700 directory (mktemp -d): the code is not readable to that uid
+            pytest.skip(f"uid {NONROOT_UID} cannot read the repository at {ROOT}; the non-root half needs it readable")
+        return exe, str(pkg)
     pytest.skip(f"no Python interpreter that uid {NONROOT_UID} can run")
 
 
