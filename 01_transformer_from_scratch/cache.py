@@ -47,6 +47,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        self.states: dict[int, dict] = {}  # recurrent layers' state (chapter 05's Gated DeltaNet): constant size
         self._positions: torch.Tensor | None = None  # the positions tensor of the current forward (same for all layers)
         self._plan: tuple[int | None, int] = (None, 0)  # (start if rows are one contiguous range else None, end)
 
@@ -60,7 +61,9 @@ class KVCache:
             self._positions, self._plan = positions, ((int(start) if contiguous else None), end)
         return self._plan
 
-    def _ensure(self, layer: int, like: torch.Tensor, end: int) -> None:
+    def _ensure(self, layer: int, like: torch.Tensor, end: int, like_v: torch.Tensor | None = None) -> None:
+        """Grow layer's buffers to hold positions < end; values take ``like_v``'s heads and size when given (MLA
+        stores its latent as "keys" and its shared RoPE key as "values": see chapter 04's mla.py)."""
         buf = self.k[layer]
         if buf is not None and buf.shape[2] >= end:
             if buf.shape[0] != like.shape[0]:
@@ -69,8 +72,9 @@ class KVCache:
         if self.max_len is not None and end > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions, asked to write position {end - 1}")
         B, H, _, D = like.shape
+        Hv, Dv = (H, D) if like_v is None else (like_v.shape[1], like_v.shape[3])
         cap = self.max_len or max(end, 2 * (0 if buf is None else buf.shape[2]))
-        new_k, new_v = (like.new_zeros(B, H, cap, D) for _ in range(2))
+        new_k, new_v = like.new_zeros(B, H, cap, D), like.new_zeros(B, Hv, cap, Dv)
         if buf is not None:
             n = buf.shape[2]
             new_k[:, :, :n], new_v[:, :, :n] = buf, self.v[layer]
@@ -78,7 +82,7 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         start, end = self._plan_for(positions)
-        self._ensure(layer, k, end)
+        self._ensure(layer, k, end, v)
         ck, cv = self.k[layer], self.v[layer]
         if start is not None:  # the common case: every row writes the same range (a slice copy)
             ck[:, :, start:end] = k
@@ -86,7 +90,7 @@ class KVCache:
         else:  # ragged rows: scatter each row's tokens to its own positions
             idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hkv, T, D)
             ck.scatter_(2, idx, k)
-            cv.scatter_(2, idx, v)
+            cv.scatter_(2, positions[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[3]), v)
         if layer == self.n_layer - 1:
             self.length = end
         return ck[:, :, :end], cv[:, :, :end]  # (B, Hkv, S, D) views
@@ -97,15 +101,29 @@ class KVCache:
         self._ensure(layer, like, end)
         return self.k[layer], self.v[layer]
 
+    def get_state(self, layer: int) -> dict | None:
+        """A recurrent layer's state (None before its first write). Such layers keep no keys: their memory is fixed."""
+        return self.states.get(layer)
+
+    def set_state(self, layer: int, state: dict, end: int) -> None:
+        """Store a recurrent layer's state after positions < end (the last layer also advances ``length``)."""
+        self.states[layer] = state
+        if layer == self.n_layer - 1:
+            self.length = end
+
     def crop(self, length: int) -> None:
         """Forget positions >= length (speculative decoding's rejected drafts); the next forward starts there."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop to {length}: the cache holds {self.length} positions")
+        if self.states and length != self.length:
+            raise ValueError("cannot crop a cache holding recurrent states: they cannot forget tokens")
         self.length = length
 
     def reset(self) -> None:
         self.length = 0
+        self.states.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        tensors = self.k + self.v + [t for s in self.states.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -63,13 +63,25 @@ def scaled_dot_product_attention(
     return softmax(scores, dim=-1) @ v  # (..., Tq, D)
 
 
-def rope_cache(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, head_dim) for the rotate-half layout used by Hugging Face Llama."""
+def rope_cache(
+    head_dim: int,
+    positions: torch.Tensor,
+    theta: float = 10000.0,
+    inv_freq: torch.Tensor | None = None,
+    attention_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) for the rotate-half layout used by Hugging Face Llama. ``inv_freq`` (head_dim/2,)
+    replaces the frequencies θ^(-2i/D) (chapter 04's RoPE scaling) and ``attention_factor`` multiplies cos and sin
+    (YaRN's attention temperature, applied as Hugging Face does: q·k logits scale by its square)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    if inv_freq is None:
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+        inv_freq = 1.0 / (theta**exponents)  # (D/2,)
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    if attention_factor != 1.0:
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
     return emb.cos(), emb.sin()
 
 

@@ -18,6 +18,7 @@ cannot be reused). References: Holtzman et al. 2020 (nucleus sampling); Pope et 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -92,7 +93,9 @@ def stream(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     rows = _as_rows(prompts)
-    block_size = model.config.block_size
+    cfg = model.config
+    windowed = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "pos_emb", "rope") == "rope"
+    block_size = float("inf") if windowed else cfg.block_size  # a sliding window never looks > window back
     device = _device_of(model)
     B, lengths = len(rows), torch.tensor([len(r) for r in rows], device=device)
     T0, ragged = max(len(r) for r in rows), len({len(r) for r in rows}) > 1
@@ -106,7 +109,7 @@ def stream(
     seq = torch.full((B, total), -1, dtype=torch.long, device=device)  # prompt + new ids; -1 = nothing yet
     for b, r in enumerate(rows):
         seq[b, : len(r)] = torch.tensor(r)
-    cache = cache if cache is not None else KVCache(model.config.n_layer, max_len=min(total, block_size))
+    cache = cache if cache is not None else _default_cache(cfg, total, ragged)
     positions = torch.arange(T0, device=device).expand(B, T0) if ragged else None
     logits = model(seq[:, :T0].clamp(min=0), positions=positions, cache=cache)  # (B, T0, V), pads at the end
     logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V): each row's last prompt token
@@ -133,6 +136,17 @@ def stream(
             logits = model(tok, positions=cur[:, None] if ragged else None, cache=cache)[:, -1]  # (B, V)
         if ragged:
             cur += 1
+
+
+def _default_cache(cfg, total: int, ragged: bool):
+    """A static KVCache for the whole generation; a sliding-window model gets chapter 04's rolling cache (constant
+    memory), or for a ragged batch, which a ring cannot hold, a growing KVCache."""
+    if getattr(cfg, "sliding_window", None) is None:
+        return KVCache(cfg.n_layer, max_len=min(total, cfg.block_size))
+    if ragged:
+        return KVCache(cfg.n_layer)
+    rolling = importlib.import_module("ch04.sliding_window").RollingKVCache
+    return rolling(cfg.n_layer, cfg.sliding_window, cfg.attn_sinks)
 
 
 def generate(model, prompts: torch.Tensor | Sequence, max_new_tokens: int, **kwargs) -> list[list[int]]:

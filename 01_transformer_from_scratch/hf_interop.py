@@ -19,9 +19,10 @@ from ch01.model import GPT, GPTConfig
 from common.cli import base_parser
 
 
-def _layer_map(i: int) -> dict[str, str]:
+def _layer_map(i: int, qk_norm: bool = False) -> dict[str, str]:
     ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-    return {
+    norms = {ours + f"attn.{n}.weight": theirs + f"self_attn.{n}.weight" for n in ("q_norm", "k_norm")}  # Qwen3
+    return (norms if qk_norm else {}) | {
         ours + "attn_norm.weight": theirs + "input_layernorm.weight",
         ours + "attn.wq.weight": theirs + "self_attn.q_proj.weight",
         ours + "attn.wk.weight": theirs + "self_attn.k_proj.weight",
@@ -42,16 +43,50 @@ def weight_map(cfg: GPTConfig) -> dict[str, str]:
         "lm_head.weight": "lm_head.weight",
     }
     for i in range(cfg.n_layer):
-        table.update(_layer_map(i))
+        table.update(_layer_map(i, cfg.qk_norm))
     return table
 
 
+def _rope_parameters(cfg: GPTConfig) -> dict:
+    """Hugging Face ``rope_parameters`` of our RoPE (chapter 04's scaling maps for linear and YaRN)."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "ntk":
+        raise ValueError(
+            "static NTK-aware RoPE has no Hugging Face rope_type ('dynamic' changes with the sequence length): "
+            "export with rope_scaling='linear' or 'yarn'"
+        )
+    if cfg.rope_scaling != "none":
+        rope |= {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "yarn":
+        rope["original_max_position_embeddings"] = cfg.original_block
+    return rope
+
+
 def hf_config(cfg: GPTConfig):
-    from transformers import LlamaConfig
+    """LlamaConfig; with qk_norm a Qwen3Config (Qwen3 = Llama + q/k RMSNorm per head), with only a sliding window a
+    MistralConfig. MLA and attention sinks have no Llama-family equivalent and are refused."""
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
     if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
         raise ValueError("only the Llama-style model (pos_emb=rope, norm=rmsnorm, mlp=swiglu) maps to LlamaForCausalLM")
-    return LlamaConfig(
+    if cfg.mla_kv_rank or cfg.attn_sinks:
+        raise ValueError(
+            "multi-head latent attention and attention sinks have no Hugging Face Llama/Qwen3/Mistral equivalent: "
+            "this model cannot be exported (use GPT.save)"
+        )
+    if cfg.layer_pattern and set(cfg.layer_pattern) != {"A"}:
+        raise ValueError(f"layer_pattern={cfg.layer_pattern!r}: linear-time mixer layers (chapter 05) have no Hugging "
+                         "Face Llama-family equivalent: this model cannot be exported (use GPT.save)")  # fmt: skip
+    if cfg.qk_norm:
+        window = dict(use_sliding_window=cfg.sliding_window is not None, max_window_layers=0)
+        return Qwen3Config(**_hf_kwargs(cfg), **window, sliding_window=cfg.sliding_window)
+    if cfg.sliding_window is not None:
+        return MistralConfig(**_hf_kwargs(cfg), sliding_window=cfg.sliding_window)
+    return LlamaConfig(**_hf_kwargs(cfg), mlp_bias=False)
+
+
+def _hf_kwargs(cfg: GPTConfig) -> dict:
+    return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=cfg.ffn_hidden,
@@ -61,10 +96,9 @@ def hf_config(cfg: GPTConfig):
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=cfg.tie_weights,
         attention_bias=False,
-        mlp_bias=False,
         hidden_act="silu",
         bos_token_id=None,
         eos_token_id=None,
@@ -73,11 +107,14 @@ def hf_config(cfg: GPTConfig):
 
 
 def to_hf(model: GPT):
-    """A ``LlamaForCausalLM`` (float32, eval mode) holding a copy of ``model``'s weights."""
-    from transformers import LlamaForCausalLM
+    """A ``LlamaForCausalLM`` (float32, eval mode) holding a copy of ``model``'s weights (``Qwen3ForCausalLM`` with
+    qk_norm, ``MistralForCausalLM`` with a sliding window)."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen3ForCausalLM
 
     cfg = model.config
-    hf = LlamaForCausalLM(hf_config(cfg))
+    hf_cfg = hf_config(cfg)
+    classes = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM, "mistral": MistralForCausalLM}
+    hf = classes[hf_cfg.model_type](hf_cfg)
     ours = model.state_dict()
     mapped = {theirs: ours[name].detach().clone().float() for name, theirs in weight_map(cfg).items()}
     missing, unexpected = hf.load_state_dict(mapped, strict=False)

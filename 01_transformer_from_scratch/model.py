@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ch01.cache import Cache
-from ch01.functional import apply_rope, rmsnorm, rope_cache, scaled_dot_product_attention, silu
+from ch01.functional import apply_rope, rmsnorm, rope_cache, scaled_dot_product_attention
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64),  # tests: well under 1 s a step on CPU
@@ -58,6 +58,17 @@ class GPTConfig:
     pos_emb: str = "rope"  # "rope" | "learned"
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     mlp: str = "swiglu"  # "swiglu" | "gelu"
+    # Attention variants (taught in chapter 04; the defaults are plain multi-head attention with RoPE):
+    qk_norm: bool = False  # RMSNorm on q and k per head before RoPE (OLMo 2, Qwen3, Gemma 3)
+    sliding_window: int | None = None  # a query sees the last N positions (Mistral); decoding uses a rolling cache
+    attn_sinks: int = 0  # with sliding_window: the first N positions stay visible forever (StreamingLLM)
+    mla_kv_rank: int | None = None  # multi-head latent attention (DeepSeek-V2): the cache holds a latent of this size
+    mla_rope_dim: int = 16  # MLA's decoupled RoPE query/key size per head
+    rope_scaling: str = "none"  # "none" | "linear" | "ntk" | "yarn": stretch RoPE past the trained context
+    rope_factor: float = 1.0  # the context-extension factor s of rope_scaling
+    rope_original_block: int | None = None  # the context trained at (None: block_size / rope_factor)
+    # Token mixer per layer, tiled over n_layer: "A" attention, "D" Gated DeltaNet (chapter 05), e.g. "DDDA" = 3:1 hybrid
+    layer_pattern: str | None = None
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -79,10 +90,81 @@ class GPTConfig:
                 self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
             else:
                 self.ffn_hidden = 4 * self.n_embd
+        self._check_attention_variants()
+        if self.layer_pattern is not None:
+            known = {"A"} | set(LAZY_MIXERS) | set(MIXERS)
+            bad = set(self.layer_pattern) - known
+            if not self.layer_pattern or bad or self.n_layer % len(self.layer_pattern):
+                raise ValueError(
+                    f"layer_pattern={self.layer_pattern!r} must use letters {sorted(known)} and its "
+                    f"length must divide n_layer={self.n_layer}"
+                )
+
+    def _check_attention_variants(self) -> None:
+        """Incompatible attention switches fail here, when the config is made, not deep inside a forward."""
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (or None for full attention), got {self.sliding_window}")
+        if self.attn_sinks < 0 or (self.attn_sinks and self.sliding_window is None):
+            raise ValueError(f"attn_sinks={self.attn_sinks} needs a sliding_window and must be >= 0")
+        if self.sliding_window is not None and self.attn_impl.startswith("window"):
+            raise ValueError(f"sliding_window and attn_impl={self.attn_impl!r} are both windows: choose one")
+        if self.sliding_window is not None and set(self.layer_pattern or "A") != {"A"}:
+            raise ValueError(
+                "sliding_window with layer_pattern mixers is not supported: the mixers take no window mask"
+            )
+        if self.rope_scaling not in ("none", "linear", "ntk", "yarn"):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose one of none, linear, ntk, yarn")
+        if self.rope_factor < 1.0:
+            raise ValueError(f"rope_factor must be >= 1 (the context-extension factor), got {self.rope_factor}")
+        needs_rope = [n for n, on in (("rope_scaling", self.rope_scaling != "none"), ("MLA", self.mla_kv_rank)) if on]
+        if needs_rope and self.pos_emb != "rope":
+            raise ValueError(f"{', '.join(needs_rope)} need pos_emb='rope', got pos_emb={self.pos_emb!r}")
+        if self.mla_kv_rank is None:
+            return
+        if self.mla_kv_rank < 1 or self.mla_rope_dim < 2 or self.mla_rope_dim % 2:
+            raise ValueError(
+                f"MLA needs mla_kv_rank >= 1 and an even mla_rope_dim >= 2, got {self.mla_kv_rank}, {self.mla_rope_dim}"
+            )
+        if self.n_kv_head != self.n_head:
+            raise ValueError("MLA replaces grouped-query attention: leave n_kv_head unset (= n_head)")
+        if self.qk_norm:
+            raise ValueError("qk_norm applies to MHA/GQA; MLA normalises its latent instead (kv_norm)")
+        if self.attn_impl not in ("sdpa", "naive"):
+            raise ValueError(
+                f"MLA's query/key heads ({self.head_dim + self.mla_rope_dim}) and value heads "
+                f"({self.head_dim}) differ in size: attn_impl={self.attn_impl!r} cannot take them, "
+                "use 'sdpa' or 'naive'"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def attention_variants(self) -> list[str]:
+        """The non-default attention switches in use: engines that re-implement attention (ch06 GGUF, ch07 fused
+        decoder, MLX) refuse them by name instead of computing something else."""
+        on = {
+            "qk_norm": self.qk_norm,
+            "sliding_window": self.sliding_window is not None,
+            "mla_kv_rank": self.mla_kv_rank is not None,
+            "rope_scaling": self.rope_scaling != "none",
+            "layer_pattern": self.layer_pattern is not None and set(self.layer_pattern) != {"A"},  # ch05 mixers
+        }
+        return [name for name, used in on.items() if used]
+
+    def layer_kind(self, layer_idx: int) -> str:
+        """The mixer letter of layer ``layer_idx`` ("A" = attention): ``layer_pattern`` tiled over the layers."""
+        return "A" if self.layer_pattern is None else self.layer_pattern[layer_idx % len(self.layer_pattern)]
+
+    @property
+    def original_block(self) -> int:
+        """The context length RoPE was trained at (what rope_scaling stretches from)."""
+        return self.rope_original_block or max(1, round(self.block_size / self.rope_factor))
+
+    @property
+    def rope_dim(self) -> int:
+        """Size of the rotated part of each query/key head: MLA rotates only its decoupled part."""
+        return self.mla_rope_dim if self.mla_kv_rank else self.head_dim
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
@@ -140,6 +222,32 @@ def get_attention(name: str) -> AttentionFn:
     return ATTENTION_IMPLS[name]
 
 
+# Token mixers that replace attention in a layer (``GPTConfig.layer_pattern`` letters): classes with Attention's
+# ``forward(x, rope_cs, cache, positions, mask)``, keeping any recurrent state in the cache (``get_state/set_state``).
+MIXERS: dict[str, type] = {}
+LAZY_MIXERS: dict[str, str] = {"D": "ch05.gated_deltanet"}  # owned by later chapters, imported on first use
+
+
+def register_mixer(letter: str):
+    """Decorator: make a token-mixer class selectable as the letter ``letter`` of ``GPTConfig.layer_pattern``."""
+
+    def deco(cls: type) -> type:
+        MIXERS[letter] = cls
+        return cls
+
+    return deco
+
+
+def get_mixer(letter: str) -> type:
+    if letter not in MIXERS and letter in LAZY_MIXERS:
+        importlib.import_module(LAZY_MIXERS[letter])  # registers it
+    if letter not in MIXERS:
+        raise ValueError(
+            f"unknown layer_pattern letter {letter!r}; known: {sorted({'A'} | set(MIXERS) | set(LAZY_MIXERS))}"
+        )
+    return MIXERS[letter]
+
+
 @register_attention("naive")
 def naive_attention(q, k, v, *, causal: bool, attn_mask=None, dropout_p: float = 0.0):
     """Written out: materialises the (T, T) score matrix — the memory cost chapter 04 removes."""
@@ -181,6 +289,37 @@ def attention_mask(pos: torch.Tensor, T: int, cache_end: int | None, extra: torc
     return AttentionMask(False, visible)
 
 
+def window_mask(pos, T: int, cache, end: int, extra, window: int, sinks: int = 0) -> AttentionMask:
+    """Sliding-window attention (``GPTConfig.sliding_window``); ``pos``: (B, T) with a cache, else (T,) or (B, T).
+    Key position k is visible to a query at position p iff
+    p - window < k <= p, or k < sinks (StreamingLLM's attention sinks). Without a cache positions are token order (as
+    for causal attention); with one, a cache that keeps only some keys (ch04's rolling cache) says which positions it
+    returns via ``key_positions(positions)`` (-1 = empty slot); any other cache returns index j = position j."""
+    if cache is None:
+        if extra is None and T <= window:  # the band is the whole causal triangle: kernels take the flag
+            return AttentionMask(causal=T > 1, mask=None)
+        q_pos = k_pos = torch.arange(T, device=pos.device)  # (T,)
+    else:
+        q_pos = pos  # (B, T)
+        k_pos = cache.key_positions(pos) if hasattr(cache, "key_positions") else torch.arange(end, device=pos.device)
+    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)  # (B|, T, 1), (B|, 1, S)
+    band = (kp <= qp) & (kp >= 0) & ((qp - kp < window) | (kp < sinks))  # (T, S) or (B, T, S)
+    band = band[None, None] if band.dim() == 2 else band[:, None]  # (B|1, 1, T, S)
+    if extra is not None:
+        band = band & (extra if extra.dim() == 4 else extra[:, None])
+    return AttentionMask(False, band)
+
+
+def rope_frequencies(cfg: GPTConfig, device=None) -> tuple[torch.Tensor | None, float]:
+    """(inv_freq (rope_dim/2,), attention factor) of ``cfg.rope_scaling`` (chapter 04); (None, 1.0) = plain RoPE."""
+    if cfg.rope_scaling == "none":
+        return None, 1.0
+    scaling = importlib.import_module("ch04.rope_scaling")
+    return scaling.scaled_inv_freq(
+        cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.original_block, device=device
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -209,6 +348,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=False)
+        if cfg.qk_norm:  # bounds every q·k logit by the norms' gains, whatever the weights grow to (Qwen3's names)
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, rope_cs, cache, positions, mask):
         """mask: an ``AttentionMask`` built once per forward by ``GPT.forward`` (causal flag or boolean mask)."""
@@ -217,6 +358,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over D
         if rope_cs is not None:
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
         if cache is not None:
@@ -241,15 +384,25 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            return self.w2(silu(self.w1(x)) * self.w3(x))
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # torch's fused SiLU: 1 kernel, not functional.silu's 2
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+def make_attention(cfg: GPTConfig, layer_idx: int) -> nn.Module:
+    """MHA/GQA, or chapter 04's multi-head latent attention (``mla_kv_rank``), imported on first use; a layer whose
+    ``layer_pattern`` letter is not "A" gets that registered token mixer instead (it keeps the ``attn`` slot)."""
+    if cfg.layer_kind(layer_idx) != "A":
+        return get_mixer(cfg.layer_kind(layer_idx))(cfg, layer_idx)
+    if cfg.mla_kv_rank:
+        return importlib.import_module("ch04.mla").MLAttention(cfg, layer_idx)
+    return Attention(cfg, layer_idx)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = make_attention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -312,18 +465,24 @@ class GPT(nn.Module):
                 )
             pos = positions.to(idx.device)  # (B, T)
             end = int(pos.max()) + 1
-        if end > cfg.block_size:
+        unbounded = cfg.sliding_window is not None and cfg.pos_emb == "rope"  # keys never lie > window back
+        if end > cfg.block_size and not unbounded:
             raise ValueError(f"position {end - 1} is beyond block_size={cfg.block_size} (sequence of {end} tokens)")
         x = self.tok_emb(idx)  # (B, T, C)
         rope_cs = None
         if cfg.pos_emb == "learned":
             x = x + self.pos_emb(pos)
         else:
-            cos, sin = rope_cache(cfg.head_dim, pos.reshape(-1), cfg.rope_theta)  # 2 × (T | B·T, D)
+            inv_freq, factor = rope_frequencies(cfg, idx.device)
+            cos, sin = rope_cache(cfg.rope_dim, pos.reshape(-1), cfg.rope_theta, inv_freq, factor)  # 2 × (T | B·T, D)
             rope_cs = (cos, sin) if pos.dim() == 1 else (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))
         x = self.drop(x)
-        mask = attention_mask(pos, T, end if cache is not None else None, attn_mask)
         cache_pos = pos.expand(B, T) if cache is not None else None  # the protocol always sees (B, T)
+        if cfg.sliding_window is None:
+            mask = attention_mask(pos, T, end if cache is not None else None, attn_mask)
+        else:
+            q_pos = cache_pos if cache is not None else pos
+            mask = window_mask(q_pos, T, cache, end, attn_mask, cfg.sliding_window, cfg.attn_sinks)
         for block in self.blocks:
             x = block(x, rope_cs, cache, cache_pos, mask)
         return self.lm_head(self.norm(x))  # (B, T, vocab)

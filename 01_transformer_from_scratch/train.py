@@ -4,6 +4,7 @@ where it helps, periodic val loss, resumable checkpoints (bit-exact), a loss-cur
     python 01_transformer_from_scratch/train.py                       # quick CPU demo (~1 min)
     python 01_transformer_from_scratch/train.py --max-iters 2000      # nanoGPT's "baby GPT" budget (README table)
     python 01_transformer_from_scratch/train.py --resume              # continue from out_dir/ckpt.safetensors
+    python 01_transformer_from_scratch/train.py --compile --optimizer muon   # torch.compile'd step; Muon (muon.py)
 
 References: Radford et al. 2019 (GPT-2), Karpathy's nanoGPT, Loshchilov & Hutter 2019 (AdamW).
 """
@@ -42,6 +43,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    optimizer: str = "adamw"  # "adamw" | "muon" (Newton–Schulz-orthogonalised momentum for hidden matrices: muon.py)
+    muon_lr_scale: float = 1.0  # Muon's lr = lr · this (its update is already scaled to AdamW's RMS)
+    compile: bool = False  # torch.compile the loss (forward + backward fused into fewer kernels; slow first step)
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 50  # batches per evaluation; 0 = never evaluate
@@ -99,7 +103,15 @@ def prepare_data(tokenizer: str = "char", vocab_size: int = 512):
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not norms/embeddings' gains), as in nanoGPT."""
+    """AdamW with weight decay on matrices only (not norms/embeddings' gains), as in nanoGPT; ``tc.optimizer="muon"``:
+    Muon for the blocks' 2-D matrices and AdamW for the rest, in one optimizer (muon.py)."""
+    if tc.optimizer == "muon":
+        from ch01.muon import Muon, muon_param_groups
+
+        groups = muon_param_groups(model, tc.weight_decay, tc.muon_lr_scale)
+        return Muon(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    if tc.optimizer != "adamw":
+        raise ValueError(f"optimizer={tc.optimizer!r}; choose 'adamw' or 'muon'")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -109,9 +121,12 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
 class _Loop:
     """The state of one training run; ``train`` drives it. Split out so each piece stays short."""
 
-    def __init__(self, model, tc: TrainConfig, train_ids, val_ids, loss_fn, callbacks, tokenizer):
+    def __init__(self, model, tc: TrainConfig, train_ids, val_ids, loss_fn, callbacks, tokenizer, batch_fn=None):
         self.model, self.tc, self.train_ids, self.val_ids = model, tc, train_ids, val_ids
+        self.batch_fn = batch_fn
         self.loss_fn, self.callbacks, self.tokenizer = loss_fn, callbacks, tokenizer
+        if tc.compile:  # the function, not the model: the returned model stays a plain nn.Module (save, generate)
+            self.loss_fn = torch.compile(loss_fn)
         self.device = next(model.parameters()).device
         self.opt = make_optimizer(model, tc)
         self.history: dict = {"train_losses": [], "val": []}
@@ -129,9 +144,12 @@ class _Loop:
             g["lr"] = cosine_lr(it, tc.lr, tc.min_lr, tc.warmup_iters, tc.max_iters)
         sums: dict[str, torch.Tensor] = {}
         for _ in range(tc.grad_accum):
-            x, y = get_batch(self.train_ids, tc.batch_size, model.config.block_size, self.device, self.batch_gen)
+            if self.batch_fn is not None:  # custom batches (SFT's packed rows): loss_fn(model, *batch)
+                batch = self.batch_fn()
+            else:
+                batch = get_batch(self.train_ids, tc.batch_size, model.config.block_size, self.device, self.batch_gen)
             with self.ctx:
-                parts = self.loss_fn(model, x, y)
+                parts = self.loss_fn(model, *batch)
             (parts["loss"] / tc.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / tc.grad_accum
@@ -179,11 +197,14 @@ def train(
     tokenizer=None,
     loss_fn=default_loss,
     callbacks=(),
+    batch_fn=None,
 ) -> dict:
     """Train ``model`` (or a new ``GPT`` of a ``GPTConfig``, built after seeding) in place.
 
     ``loss_fn(model, x, y) -> {"loss": ..., optional "ce", other parts}``: what to minimise; parts other than loss/ce
     are logged per step as ``<name>_losses``. ``callbacks``: functions of a ``TrainState``, called after every step.
+    ``batch_fn() -> tuple``: where batches come from instead of random windows of ``train_ids`` (the loss is then
+    ``loss_fn(model, *batch)``; chapter 03's SFT passes packed conversations with their masks).
     With ``tc.out_dir`` the run checkpoints (bit-exact resume, also on Ctrl-C) and saves ``out_dir/model`` (+ the
     tokenizer). Returns {'model', 'train_losses' (per step), 'val' [[iter, train, val]], 'tokens_per_s' (training
     steps only, wall), 'tokens_per_cpu_s', 'train_time_s', 'out_dir', ...}."""
@@ -191,7 +212,7 @@ def train(
     if isinstance(model, GPTConfig):
         model = GPT(model)
     model.to(pick_device(tc.device)).train()
-    loop = _Loop(model, tc, train_ids, val_ids, loss_fn, callbacks, tokenizer)
+    loop = _Loop(model, tc, train_ids, val_ids, loss_fn, callbacks, tokenizer, batch_fn)
     start = 0
     if resume:
         meta = load_checkpoint(loop.out / "ckpt.safetensors", model, loop.opt)  # RNG states too: same batches
@@ -258,6 +279,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ckpt-interval", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's loss (faster steps)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: see muon.py")
     args = p.parse_args(argv)
     tok, train_ids, val_ids = prepare_data(args.tokenizer, args.vocab_size)
     arch = dict(pos_emb="learned", norm="layernorm", mlp="gelu") if args.arch == "gpt2" else {}
@@ -272,6 +295,8 @@ def main(argv=None) -> dict:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        compile=args.compile,
+        optimizer=args.optimizer,
         warmup_iters=min(100, args.max_iters // 10),
         **({"out_dir": args.out} if args.out else {}),
     )

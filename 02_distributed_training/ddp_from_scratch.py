@@ -191,7 +191,7 @@ def data_parallel_parser(doc: str):
     p.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks together)")
     p.add_argument("--accum", type=int, default=2, help="micro-batches per rank per step (no_sync for all but last)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--bucket-cap-mb", type=float, default=0.05, help="tiny on purpose: the tiny model gets 4 buckets")
+    p.add_argument("--bucket-cap-mb", type=float, default=0.05, help="tiny on purpose: the tiny model gets 6 buckets")
     return p
 
 

@@ -92,6 +92,10 @@ def gguf_tensors(model: GPT) -> list[tuple[str, torch.Tensor]]:
     cfg = model.config
     if cfg.pos_emb != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
         raise ValueError("GGUF 'llama' export needs the Llama-style config (rope, rmsnorm, swiglu)")
+    if cfg.attention_variants():
+        raise ValueError(
+            f"GGUF 'llama' export has plain attention; this model sets {', '.join(cfg.attention_variants())}"
+        )
     names = gguf.TENSOR_NAMES
     T = gguf.MODEL_TENSOR
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
