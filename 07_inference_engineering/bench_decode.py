@@ -12,7 +12,16 @@ both models through ``FusedDecoder`` and are compared with fused greedy decoding
 ratio is what speculation itself buys. Timing is round-robin (every method once, then again, ``--repeats`` times) and
 reports medians, so a load change on a shared machine hits all methods alike. The plot shows tokens/s against the
 number of generated tokens: without a cache the per-token cost grows with the sequence.
-References: Pope et al. 2022; Leviathan et al. 2023; gpt-fast; MLX.
+``--llama-cpp`` instead compares our fused decoder with llama.cpp (llama-cpp-python) on the SAME GGUF files, batch 1,
+greedy: F32, Q8_0 and Q4_0 files written by chapter 06's exporter, and SmolLM2's shipped Q4_1 file, at each
+``--thread-counts`` (ours: ``FusedDecoder`` / ``FusedDecoder.from_gguf``, quantized blocks straight from the file):
+
+    python 07_inference_engineering/bench_decode.py --llama-cpp                       # SmolLM2-135M + the char model
+    python 07_inference_engineering/bench_decode.py --llama-cpp --llama-models char --llama-quants f32 q8_0
+
+It reports decode tokens/s (tokens 2..n), the ratio to llama.cpp, MBU (weight bytes read per token x tokens/s /
+the measured read bandwidth, as gpt-fast reports it) and whether the greedy tokens agree.
+References: Pope et al. 2022; Leviathan et al. 2023; gpt-fast; MLX; llama.cpp (ggml-cpu quants).
 """
 
 from __future__ import annotations
@@ -23,13 +32,15 @@ import time
 
 import torch
 
-from ch07.fused_decode import FusedDecoder
+from ch07.fused_decode import FusedDecoder, _timed
 from ch07.kv_cache import generate
 from ch07.models import decode_models
 from ch07.speculative import speculative_generate
-from common.bench import hardware_info, markdown_table
+from common.bench import hardware_info, markdown_table, read_bandwidth_gbs
 from common.cli import base_parser
-from common.plot import assets_dir, line_plot
+from common.plot import assets_dir, bar_plot, line_plot
+
+SHIPPED = "q4_1"  # SmolLM2's own GGUF (Q4_1 blocks, Q8_0 embedding): compared as shipped, not re-exported
 
 
 def round_robin(fns: dict, repeats: int):
@@ -93,6 +104,94 @@ def methods(target, draft, prompt, args):
     return out
 
 
+def _llama_model(name: str, prompt_len: int, untrained: bool = False):
+    """(GPT, tokenizer, prompt ids, shipped GGUF or None) for ``smollm2`` (a chat prompt) or ``char`` (the chapter's
+    target, a validation prompt; random weights of its shape if ``untrained``)."""
+    if name == "char" and untrained:
+        from ch01.model import GPT, GPTConfig
+        from ch01.train import prepare_data
+        from ch07.models import TARGET
+
+        tok, _, val_ids = prepare_data("char")
+        target = GPT(GPTConfig.preset(TARGET["preset"], vocab_size=tok.vocab_size, **TARGET["overrides"])).eval()
+        return target, tok, val_ids[:prompt_len].tolist(), None
+    if name == "char":
+        target, _, tok, val_ids = decode_models(verbose=False, distill=False)
+        return target, tok, val_ids[:prompt_len].tolist(), None
+    from ch01.chat_template import apply_chat_template
+    from ch01.pretrained import load_pretrained, smollm2_gguf_path
+    from ch07.fused_decode import CHAT_QUESTION
+
+    model, tok = load_pretrained("smollm2-135m-instruct")
+    return model, tok, apply_chat_template(tok, [{"role": "user", "content": CHAT_QUESTION}]), smollm2_gguf_path()
+
+
+def llama_cpp_rows(name: str, args, out_dir) -> list[dict]:
+    """Ours vs llama.cpp on the same GGUF per weight type and thread count (round-robin, medians)."""
+    from ch06.gguf_export import export_gguf, llama_cpp_greedy, load_llama_cpp
+
+    model, tok, prompt, shipped = _llama_model(name, args.prompt_len, args.untrained)
+    n, rows, bandwidth = args.llama_new_tokens, [], read_bandwidth_gbs()
+    for quant in args.llama_quants:
+        if quant == SHIPPED and shipped is None:
+            continue  # only SmolLM2 ships a Q4_1 file
+        path = shipped if quant == SHIPPED else export_gguf(model, tok, out_dir / f"{name}-{quant}.gguf", quant)
+        ours = FusedDecoder(model) if quant == "f32" else FusedDecoder.from_gguf(path)
+        per_token = ours.weight_bytes_per_token()  # the same weights for both engines
+        for threads in args.thread_counts:
+            torch.set_num_threads(threads)
+            llm = load_llama_cpp(path, len(prompt) + n + 16, n_threads=threads, f32_kv_cache=False)
+            runs = {
+                "ours": ((lambda k, ours=ours: generate(ours, prompt, k)[0].tolist()), per_token),
+                "llama.cpp": ((lambda k, llm=llm: llama_cpp_greedy(llm, prompt, k)), per_token),
+            }
+            first, total, outs = _timed(runs, n, args.repeats)
+            # decode steps: tokens 2..n (separate medians; if noise makes the difference meaningless, all n tokens)
+            tps = {k: (n - 1) / dt if (dt := total[k] - first[k]) > 0.1 * total[k] else n / total[k] for k in runs}
+            agree = next((i for i, (a, b) in enumerate(zip(outs["ours"], outs["llama.cpp"])) if a != b), n)
+            label = f"{quant.upper()}{' (shipped file)' if path == shipped else ''}"
+            rows.append(
+                {
+                    "model": name, "weights": label, "threads": threads, "MB/token": per_token / 1e6,
+                    "ours tok/s": tps["ours"], "llama.cpp tok/s": tps["llama.cpp"],
+                    "ours / llama.cpp": tps["ours"] / tps["llama.cpp"],
+                    "ours MBU": per_token * tps["ours"] / 1e9 / bandwidth,
+                    "llama.cpp MBU": per_token * tps["llama.cpp"] / 1e9 / bandwidth,
+                    "same tokens": f"{agree}/{n}",
+                }
+            )  # fmt: skip
+            print(f"  {name} {label} x{threads}: ours {tps['ours']:.1f}, llama.cpp {tps['llama.cpp']:.1f} tok/s")
+            del llm
+    return rows
+
+
+def llama_cpp_main(args) -> list[dict]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed (requirements-extra.txt): no llama.cpp comparison")
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        from pathlib import Path
+
+        for name in args.llama_models:
+            rows += llama_cpp_rows(name, args, Path(d))
+    torch.set_num_threads(args.threads)
+    print(f"\n{hardware_info()}")  # ends with the calibration: sgemm GFLOP/s and memory read GB/s
+    print(
+        f"greedy, prompt {args.prompt_len} (char) / chat prompt (SmolLM2), {args.llama_new_tokens} new tokens; "
+        f"decode tokens/s over tokens 2..n, medians of {args.repeats}; same tokens: agreeing prefix with llama.cpp"
+    )
+    print(markdown_table(rows, floatfmt=".2f"))
+    bars = {f"{r['model']} {r['weights'].split()[0]} x{r['threads']}": r["ours / llama.cpp"] for r in rows}
+    if bars:
+        path = bar_plot(bars, assets_dir(__file__) / "decode_vs_llama_cpp.png", title="decode speed vs llama.cpp "
+                        "(same GGUF, batch 1)", ylabel="ours / llama.cpp tokens/s")  # fmt: skip
+        print(f"plot: {path}")
+    return rows
+
+
 def main(argv=None):
     p = base_parser(__doc__.split("\n")[0], seed=True)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -104,9 +203,19 @@ def main(argv=None):
     p.add_argument("--no-mlx", dest="mlx", action="store_false")
     p.add_argument("--untrained", action="store_true", help="random weights (smoke run, no training)")
     p.add_argument("--skip-no-cache-above", type=int, default=10**9, help="skip the slow no-cache row above this")
+    p.add_argument("--llama-cpp", action="store_true", help="instead: ours vs llama.cpp on the same GGUF files")
+    p.add_argument("--llama-models", nargs="+", default=["smollm2", "char"], choices=["smollm2", "char"])
+    p.add_argument("--llama-quants", nargs="+", default=["f32", "q8_0", "q4_0", SHIPPED])
+    p.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="threads for the --llama-cpp table")
+    p.add_argument("--llama-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
+    bad = set(args.llama_quants) - {"f32", "q8_0", "q4_0", SHIPPED}
+    if bad:
+        raise ValueError(f"--llama-quants {sorted(bad)}: choose from f32, q8_0, q4_0 (our exports), q4_1 (shipped)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.llama_cpp:
+        return llama_cpp_main(args)
     if args.untrained:  # same shapes, random weights: a quick smoke run (speeds only; acceptance is meaningless)
         from ch01.model import GPT, GPTConfig
         from ch07.models import DRAFT, TARGET

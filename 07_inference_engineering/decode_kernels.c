@@ -2,6 +2,7 @@
  *   small_gemm  y (M, N) = rmsnorm?(x) (M, K) @ W (K, N) (+ y), for M of 1 to 12 rows;
  *   attend      RoPE, KV-cache write and causal attention of T new tokens in one call;
  *   swiglu      silu(gate) * up.
+ * small_gemm splits its column panels over quant_kernels.c's thread pool (set_threads).
  *
  * Why small_gemm: verifying k draft tokens multiplies a handful of rows by every weight matrix. A BLAS sgemm is
  * tuned for big M; at M = 2..8 it did 2-3x the work of one row on this project's CPU (see decode_kernels.py). Here
@@ -93,6 +94,24 @@ void pack_weight(const float *W, float *packed, long K, long N) {
       }
 }
 
+/* quant_kernels.c's thread pool (both files are built into one library) */
+void parallel_for(void (*fn)(void *, long, long), void *arg, long total);
+
+typedef struct {
+  const float *x, *packed, *scale;
+  float *y;
+  long K, N, mb;
+  int add;
+} gemm_job;
+
+static void gemm_panels(void *arg, long p0, long p1) {
+  const gemm_job *j = arg;
+  for (long p = p0; p < p1; p++) {
+    long n0 = p * NB, nb = j->N - n0 < NB ? j->N - n0 : NB;
+    PANELS[j->mb](j->x, j->packed + p * j->K * NB, j->scale, j->y + n0, j->K, j->N, nb, j->add);
+  }
+}
+
 /* y (M, N) = r * (x @ W) (+ y when add), r[m] = 1/sqrt(mean(x[m]^2) + eps) if norm else 1. x (M, K) contiguous. */
 void small_gemm(const float *x, const float *packed, float *y, long M, long K, long N, int add, int norm, float eps) {
   for (long m0 = 0; m0 < M; m0 += MAX_ROWS) {
@@ -105,10 +124,8 @@ void small_gemm(const float *x, const float *packed, float *y, long M, long K, l
         for (long k = 0; k < K; k++) ss += xb[m * K + k] * xb[m * K + k];
       scale[m] = norm ? 1.f / sqrtf(ss / (float)K + eps) : 1.f;
     }
-    for (long p = 0; p * NB < N; p++) {
-      long n0 = p * NB, nb = N - n0 < NB ? N - n0 : NB;
-      PANELS[mb](xb, packed + p * K * NB, scale, y + m0 * N + n0, K, N, nb, add);
-    }
+    gemm_job job = {xb, packed, scale, y + m0 * N, K, N, mb, add};
+    parallel_for(gemm_panels, &job, (N + NB - 1) / NB); /* threads take contiguous runs of panels */
   }
 }
 

@@ -21,7 +21,11 @@ cache, softmax, SwiGLU — each costing a few microseconds of torch dispatch wha
 whole cost of a small draft model's step. ``attend`` does RoPE, the cache write and causal (grouped-query) attention
 for T new tokens in one call, ``swiglu`` the gate; the arithmetic is the same as the torch path (tests compare them).
 
-The C file is compiled on first use with the system C compiler (``cc -O3 -march=native``, ~1 s) into the cache
+``set_threads(n)`` (by default torch's intra-op thread count; ``FusedDecoder`` calls it at every forward) splits
+each product's output columns over a small pthread pool that lives in ``quant_kernels.c`` — the quantized matmuls of
+``ch07.quantized`` — which is built into the same library.
+
+The C files are compiled on first use with the system C compiler (``cc -O3 -march=native``, ~1 s) into the cache
 directory, keyed by the source and the CPU; without a compiler (or for more than ``MAX_FAST_ROWS`` rows, other dtypes
 or devices) ``PackedWeight`` falls back to torch with the same results, so nothing depends on it being built.
 """
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from common.data import cache_dir, fingerprint
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
+QUANT_SOURCE = Path(__file__).with_name("quant_kernels.c")  # quantized matmuls + the thread pool: one library
 MAX_FAST_ROWS = 12  # one pass over the weights for up to 12 rows; above that torch's sgemm is the better kernel
 
 
@@ -66,15 +71,19 @@ def load_library():
     if compiler is None:
         warnings.warn("no C compiler found: ch07.decode_kernels falls back to torch", stacklevel=2)
         return None
-    key = fingerprint(SOURCE.read_text(), _cpu_fingerprint(), compiler, length=16)
+    sources = [SOURCE, QUANT_SOURCE]
+    key = fingerprint(*(s.read_text() for s in sources), _cpu_fingerprint(), compiler, length=16)
     lib_path = cache_dir("ch07", "kernels") / f"decode_kernels-{key}.so"
     if not lib_path.exists():
         with tempfile.TemporaryDirectory() as tmp:  # build aside, then one atomic rename: safe for parallel builds
             tmp_lib = Path(tmp) / lib_path.name
-            cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp_lib), "-lm"]
+            cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *map(str, sources), "-o", str(tmp_lib)]
+            cmd += ["-lm", "-lpthread"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                warnings.warn(f"building {SOURCE.name} failed, falling back to torch:\n{done.stderr}", stacklevel=2)
+                warnings.warn(
+                    f"building the decode kernels failed, falling back to torch:\n{done.stderr}", stacklevel=2
+                )
                 return None
             os.replace(tmp_lib, lib_path)
     lib = ctypes.CDLL(str(lib_path))
@@ -84,7 +93,20 @@ def load_library():
     lib.panel_width.restype = long
     lib.swiglu.argtypes = [ptr, ptr, long, long]
     lib.attend.argtypes = [ptr] * 6 + [long] * 6
+    lib.q_matmul.argtypes = [ctypes.c_int] + [ptr] * 5 + [long] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float, ptr, ptr]
+    lib.q_matmul.argtypes += [ctypes.c_int]
+    lib.set_threads.argtypes = [ctypes.c_int]
     return lib
+
+
+def set_threads(n: int | None = None) -> int:
+    """Threads the C kernels use from now on (default: torch's intra-op thread count, so ``torch.set_num_threads``
+    steers both); returns the number in effect (1 without the kernels)."""
+    lib = load_library()
+    n = torch.get_num_threads() if n is None else n
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    return 1 if lib is None else lib.set_threads(n)
 
 
 def _cpu_float32(*tensors: torch.Tensor) -> bool:

@@ -26,6 +26,9 @@ six elementwise ops, float casts, GQA repeats). gpt-fast and every serving engin
   SwiGLU run in ``ch07.decode_kernels`` (C, compiled on first use; the same path in torch without a compiler): MKL's
   GEMM spends 2-3x the time of one row on 5 rows, and a tiny op costs microseconds of dispatch whatever its size.
 
+- ``FusedDecoder(model, quant="q8_0" | "q4_0" | "q4_1")`` or ``FusedDecoder.from_gguf(path)`` keeps the matrices in
+  llama.cpp's block formats instead (``ch07.quantized``): 3.8-7x fewer bytes per token, same call contract.
+
 Positions work as in ``GPT.forward`` (per row, continuing ``cache.length`` by default), so ragged batches and the paged
 cache need nothing special. The result is numerically the ch01 model (float32 logits equal within ~1e-5; tests compare
 them and greedy tokens).
@@ -48,7 +51,7 @@ from ch01.functional import rope_cache
 from ch01.model import GPT, GPTConfig, attention_mask
 from ch07 import decode_kernels
 from ch07.decode_kernels import PackedWeight
-from common.bench import hardware_info, markdown_table, timeit
+from common.bench import hardware_info, markdown_table
 
 
 def _in_out(weight: torch.Tensor) -> torch.Tensor:
@@ -73,15 +76,34 @@ class FusedDecoder:
     """A read-only, inference-only view of a ch01 ``GPT`` with fused weights. Weights are copied at construction:
     build it again after changing the model's parameters."""
 
-    def __init__(self, model: GPT, kernels: bool = True):
+    def __init__(self, model: GPT, kernels: bool = True, quant: str | None = None, q8_input: bool = True):
+        """``quant``: None keeps float32 weights (norm gains folded in); "q8_0", "q4_0" or "q4_1" quantizes every
+        matrix whose input size is a multiple of 32 into llama.cpp's blocks (``ch07.quantized``; chapter 06's
+        quantizers), run by the quantized kernels, which round their inputs to Q8_0 like llama.cpp unless
+        ``q8_input=False``. ``FusedDecoder.from_gguf`` takes a GGUF file's blocks as stored."""
         cfg = model.config
         if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
             raise ValueError(
                 "FusedDecoder supports the Llama-style ch01 model (pos_emb='rope', norm='rmsnorm', "
                 f"mlp='swiglu'); got {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}: use the model itself"
             )
+        if cfg.attention_variants():
+            raise ValueError(
+                f"FusedDecoder implements plain multi-head attention; this model sets "
+                f"{', '.join(cfg.attention_variants())}: use the model itself"
+            )
         self.config = cfg
         p = next(model.parameters())
+        if quant is not None:  # the gains cannot be folded into quantized weights: they scale the kernels' inputs
+            from ch07.quantized import QUANTIZERS, decoder_weights
+
+            if quant not in QUANTIZERS:
+                raise ValueError(f"quant={quant!r}; choose None or one of {', '.join(QUANTIZERS)}")
+            sd = model.state_dict()  # tied weights appear under both names
+            with torch.no_grad():
+                layers, lm_head = decoder_weights(cfg, sd.__getitem__, sd.__getitem__, quant, kernels, q8_input)
+            self._setup(cfg, layers, lm_head, model.tok_emb.weight.detach(), p.device, p.dtype, kernels)
+            return
 
         def folded(norm_weight, *linears):  # (x̂ ⊙ g) @ W == x̂ @ (diag(g) W): the norm's gain scales W's rows
             return packed(_in_out(torch.cat([lin.weight for lin in linears])) * norm_weight.detach()[:, None])
@@ -94,9 +116,8 @@ class FusedDecoder:
         def packed(w):  # few-row products (decode steps, verify forwards) go to ch07.decode_kernels' matmul
             return PackedWeight(w, use_kernel=kernels)
 
-        rope_tables = rope_cache(cfg.head_dim, torch.arange(cfg.block_size), cfg.rope_theta)  # for the C kernel
         with torch.no_grad():
-            self.layers = [
+            layers = [
                 dict(
                     wqkv=folded_qkv(b),  # C × (Hq+2Hkv)D, q pre-scaled by 1/sqrt(D)
                     wo=packed(_in_out(b.attn.wo.weight)),  # HD × C
@@ -105,15 +126,43 @@ class FusedDecoder:
                 )
                 for b in model.blocks
             ]
-            self.tok_emb = model.tok_emb.weight.detach()
-            self.lm_head = folded(model.norm.weight, model.lm_head)  # C × V
-            self.rope = rope_matrices(cfg.head_dim, cfg.block_size, cfg.rope_theta).to(p.device, p.dtype)
-            self.rope_cos, self.rope_sin = (t.to(p.device, p.dtype).contiguous() for t in rope_tables)
-        self._kv_like = p.new_empty(1, cfg.n_kv_head, 0, cfg.head_dim)  # how the fast path's cache buffers are made
+            lm_head = folded(model.norm.weight, model.lm_head)  # C × V
+        self._setup(cfg, layers, lm_head, model.tok_emb.weight.detach(), p.device, p.dtype, kernels)
+
+    def _setup(self, cfg, layers, lm_head, tok_emb, device, dtype, kernels: bool) -> None:
+        """The state every constructor ends with: weights (``PackedWeight`` / ``QuantWeight``), the embedding table
+        (a tensor, or a ``QuantWeight`` whose rows are dequantized on lookup) and the RoPE tables."""
+        self.config, self.layers, self.lm_head, self.tok_emb = cfg, layers, lm_head, tok_emb
+        rope_tables = rope_cache(cfg.head_dim, torch.arange(cfg.block_size), cfg.rope_theta)  # for the C kernel
+        self.rope = rope_matrices(cfg.head_dim, cfg.block_size, cfg.rope_theta).to(device, dtype)
+        self.rope_cos, self.rope_sin = (t.to(device, dtype).contiguous() for t in rope_tables)
+        self._kv_like = self.rope_cos.new_empty(1, cfg.n_kv_head, 0, cfg.head_dim)  # how fast-path caches are made
         self.kernels = kernels and decode_kernels.load_library() is not None
 
+    @classmethod
+    def from_gguf(cls, path, kernels: bool = True, q8_input: bool = True) -> FusedDecoder:
+        """A decoder straight from a ``llama`` GGUF file: Q8_0 / Q4_0 / Q4_1 tensors go into the quantized kernels as
+        stored (never dequantized to float32), F32 / F16 ones become float matrices. Its tokenizer is ``.tokenizer``
+        (None for a vocabulary ch01 does not read)."""
+        from ch07.quantized import gguf_weights
+
+        cfg, layers, lm_head, emb, tok = gguf_weights(path, kernels, q8_input)
+        self = cls.__new__(cls)
+        self._setup(cfg, layers, lm_head, emb, torch.device("cpu"), torch.float32, kernels)
+        self.tokenizer = tok
+        return self
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (each matrix once, as stored: blocks or float32)."""
+        from ch07.quantized import weight_bytes
+
+        return weight_bytes(self.layers, self.lm_head)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, C)
+        return self.tok_emb.rows(ids) if hasattr(self.tok_emb, "rows") else self.tok_emb.index_select(0, ids)
+
     def parameters(self):  # so ``next(decoder.parameters())`` finds device/dtype like for a model
-        yield self.tok_emb
+        yield self.rope_cos
 
     @torch.no_grad()
     def __call__(
@@ -129,6 +178,8 @@ class FusedDecoder:
         of ch01's protocol); ``last=n`` computes logits for the last n positions only."""
         cfg = self.config
         B, T = idx.shape
+        if self.kernels:
+            decode_kernels.set_threads()  # the C kernels follow torch.set_num_threads
         start = getattr(cache, "length", 0) if cache is not None else 0
         if positions is None and B == 1 and T <= 16 and isinstance(cache, KVCache) and attn_mask is None:
             return self._few_tokens(idx, cache, start, last)
@@ -143,7 +194,7 @@ class FusedDecoder:
         mask = attention_mask(pos, T, end if cache is not None else None, attn_mask)  # ch01's visibility rule
         cache_pos = pos.expand(B, T) if cache is not None else None
         rot = self.rope[start:end] if positions is None else self.rope[pos]  # (T, D, D) or (B, T, D, D)
-        x = self.tok_emb.index_select(0, idx.reshape(-1))  # (B·T, C): 2-D all the way, so every matmul is one mm
+        x = self._embed(idx.reshape(-1))  # (B·T, C): 2-D all the way, so every matmul is one mm
         for i, w in enumerate(self.layers):
             qkv = w["wqkv"](x, rms_eps=eps).view(B, T, H + 2 * Hkv, D)  # norm (gain folded in) + QKV
             qk = qkv[:, :, : H + Hkv] @ rot  # RoPE on q and k of all heads: (B, T, Hq+Hkv, D) @ ([B,] T, D, D)
@@ -171,7 +222,7 @@ class FusedDecoder:
         T = idx.shape[1]
         if pos + T > cfg.block_size:
             raise ValueError(f"position {pos + T - 1} is beyond block_size={cfg.block_size}")
-        x = self.tok_emb.index_select(0, idx.view(T))  # (T, C)
+        x = self._embed(idx.view(T))  # (T, C)
         for i, w in enumerate(self.layers):
             ck, cv = cache.buffers(i, self._kv_like, pos + T)  # (1, Hkv, capacity, D)
             qkv = w["wqkv"](x, rms_eps=eps)  # (T, (H+2Hkv)·D), q pre-scaled by 1/sqrt(D)
@@ -235,20 +286,21 @@ def weight_bytes_per_token(model: GPT) -> int:
     return total if model.config.tie_weights else total - emb.numel() * emb.element_size()
 
 
-def read_bandwidth_gbs(mib: int = 512, repeats: int = 3) -> float:
-    """Calibration: GB/s at which this process reads float32 memory (``torch.sum`` over ``mib`` MiB, median)."""
-    x = torch.ones(mib * 2**18)
-    return x.numel() * 4 / timeit(lambda: x.sum(), warmup=1, repeats=repeats).median / 1e9
-
-
-def _decoders(model, prompt, max_new, gguf, threads):
-    """name -> (n -> n greedy new token ids, weight bytes read per token); ``max_new``: the most n asked for."""
+def _decoders(model, prompt, max_new, gguf, threads, quants=()):
+    """name -> (n -> n greedy new token ids, weight bytes read per token); ``max_new``: the most n asked for;
+    ``quants``: extra rows quantized to those block formats (``FusedDecoder(model, quant=q)``)."""
     from ch01.generate import generate
 
     per_token = weight_bytes_per_token(model)
     engines = {"ch01 GPT": model, "FusedDecoder, torch": FusedDecoder(model, kernels=False)}
     engines["FusedDecoder, C kernels"] = FusedDecoder(model)
-    runs = {name: ((lambda n, e=e: generate(e, prompt, n, temperature=0)[0]), per_token) for name, e in engines.items()}
+    sizes = dict.fromkeys(engines, per_token)
+    for q in quants:
+        engines[f"FusedDecoder, {q.upper()}"] = fast = FusedDecoder(model, quant=q)
+        sizes[f"FusedDecoder, {q.upper()}"] = fast.weight_bytes_per_token()
+    runs = {
+        name: ((lambda n, e=e: generate(e, prompt, n, temperature=0)[0]), sizes[name]) for name, e in engines.items()
+    }
     from ch06.gguf_export import llama_cpp_greedy, load_llama_cpp  # load: None without llama-cpp-python
 
     n_ctx = len(prompt) + max_new + 16
@@ -291,11 +343,12 @@ def main(argv=None, loaded=None):
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (round-robin); medians reported")
+    p.add_argument("--quant", nargs="*", default=[], choices=["q8_0", "q4_0", "q4_1"], help="also quantized rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok, prompt, gguf = _model_and_prompt(args, loaded)
-    runs = _decoders(model, prompt, args.new_tokens, gguf, args.threads)
+    runs = _decoders(model, prompt, args.new_tokens, gguf, args.threads, args.quant)
     first, total, outs = _timed(runs, args.new_tokens, args.repeats)
     base, rows = outs["ch01 GPT"], []
     for name, (_, per_token) in runs.items():
@@ -313,7 +366,7 @@ def main(argv=None, loaded=None):
                 "agreeing prefix": f"{agree}/{len(base)}",
             }
         )
-    print(f"{hardware_info()}; memory read {read_bandwidth_gbs():.1f} GB/s (torch.sum, 512 MiB)")
+    print(hardware_info())  # ends with the calibration: sgemm GFLOP/s and memory read GB/s
     print(
         f"model {args.model or args.preset}: {weight_bytes_per_token(model) / 1e6:.1f} MB of weights read per token; "
         f"prompt {len(prompt)} tokens, {args.new_tokens} new, greedy, medians of {args.repeats}\n"

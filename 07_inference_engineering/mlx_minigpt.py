@@ -99,6 +99,10 @@ class MLXGPT(nn.Module):
         super().__init__()
         if (cfg.pos_emb, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
             raise ValueError("MLXGPT implements the Llama-style configuration only (rope, rmsnorm, swiglu)")
+        if cfg.attention_variants():
+            raise ValueError(
+                f"MLXGPT implements plain attention; this model sets {', '.join(cfg.attention_variants())}"
+            )
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]

@@ -21,9 +21,13 @@ API (what a continuous-batching server uses — chapter 08 builds on exactly thi
     # sampling per request: ch07.sampling.sample_rows(logits, [Sampler(...) per row], generated_ids, generators)
 
 ``run(..., all_logits=True)`` returns (B, T, V) logits for every fed token (right-padded per row) instead.
-Prefix sharing covers full blocks whose sequences are still alive: a block leaves the prefix table when its last user
-is freed (vLLM keeps such blocks as an evictable LRU cache; not done here). Sequences are capped at the model's
-block_size positions.
+Prefix caching (vLLM's automatic prefix caching): every FULL block is registered under a hash of (its parent block's
+hash, its own tokens), so a block's key names its whole prefix; a new sequence whose prompt starts with the same blocks
+shares them (reference counts) and prefills only the rest. A block whose last user is freed stays in the table as an
+unreferenced, evictable cached block (an LRU list, tail blocks of a sequence first); ``_alloc`` takes a never-used block
+first, then evicts the least recently used cached one. ``num_free_blocks`` counts both (an evictable block is free
+memory); ``stats()`` tells them apart: blocks used / cached / free, prefix-cache hit tokens. Sequences are capped at
+the model's block_size positions.
 
 How it works: the pool is one tensor per layer of shape (num_blocks · block_size, n_kv_heads, head_dim) — one row per
 token "slot". Sequence s's token at position p lives in slot ``table[s][p // block_size] · block_size + p % block_size``.
@@ -42,6 +46,7 @@ Reference: Kwon et al. 2023, "Efficient Memory Management for LLM Serving with P
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +59,12 @@ from ch01.model import GPT, GPTConfig
 class _Seq:
     blocks: list[int] = field(default_factory=list)  # block table: logical block i -> physical block id
     tokens: list[int] = field(default_factory=list)  # tokens whose keys/values are stored (for prefix hashing)
+    hashes: list[int] = field(default_factory=list)  # prefix hash of each full block (chained: parent hash, tokens)
+
+
+def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    """The key of a full block: its tokens AND, through the parent's hash, every token before it."""
+    return hash((parent, tuple(tokens)))
 
 
 class OutOfBlocks(RuntimeError):
@@ -77,15 +88,30 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.refcount = [0] * num_blocks
-        self.free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out low ids first
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))  # never-used blocks, a stack: low ids first
         self.seqs: dict[Hashable, _Seq] = {}
-        self.prefix_table: dict[tuple[int, ...], int] = {}  # full-block token prefix -> physical block
-        self.block_prefix: dict[int, tuple[int, ...]] = {}  # reverse map, to unregister a freed block
+        self.prefix_table: dict[int, int] = {}  # block hash -> physical block holding it
+        self.block_key: dict[int, tuple[int | None, tuple[int, ...], int]] = {}  # block -> (parent hash, tokens, hash)
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, least recently used first
+        self.hit_tokens = self.query_tokens = 0  # prompt tokens found in / looked up in the prefix cache
 
     # ------------------------------------------------------------------------------------------- bookkeeping
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Blocks an allocation can take: never used + cached but unreferenced (evicted on demand)."""
+        return len(self.free_blocks) + len(self.evictable)
+
+    def stats(self) -> dict[str, int]:
+        """Block counts (used = referenced by a live sequence; cached = evictable, holding a known prefix; free =
+        never used or evicted) and prefix-cache token counters."""
+        used = self.num_blocks - self.num_free_blocks
+        return dict(
+            blocks_used=used,
+            blocks_cached=len(self.evictable),
+            blocks_free=self.num_free_blocks,
+            prefix_hit_tokens=self.hit_tokens,
+            prefix_query_tokens=self.query_tokens,
+        )
 
     def length(self, seq_id: Hashable) -> int:
         return len(self._seq(seq_id).tokens)
@@ -99,19 +125,31 @@ class PagedKVCache:
         return self.seqs[seq_id]
 
     def _alloc(self) -> int:
-        if not self.free_blocks:
+        if self.free_blocks:
+            b = self.free_blocks.pop()
+        elif self.evictable:
+            b, _ = self.evictable.popitem(last=False)  # least recently used cached block
+            del self.prefix_table[self.block_key.pop(b)[2]]
+        else:
             raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
-        b = self.free_blocks.pop()
         self.refcount[b] = 1
         return b
 
     def _decref(self, b: int) -> None:
         self.refcount[b] -= 1
         if self.refcount[b] == 0:
-            prefix = self.block_prefix.pop(b, None)
-            if prefix is not None:
-                del self.prefix_table[prefix]
-            self.free_blocks.append(b)
+            if b in self.block_key:  # holds a known prefix: keep it for a later request, evict when memory is needed
+                self.evictable[b] = None
+            else:
+                self.free_blocks.append(b)
+
+    def _lookup(self, parent: int | None, tokens: Sequence[int]) -> tuple[int, int | None]:
+        """(hash, cached block or None) of a full block of ``tokens`` after the prefix whose hash is ``parent``."""
+        h = block_hash(parent, tokens)
+        b = self.prefix_table.get(h)
+        if b is not None and self.block_key[b][:2] != (parent, tuple(tokens)):  # a hash collision: not this prefix
+            b = None
+        return h, b
 
     def blocks_needed(self, seq_id: Hashable, n_new: int) -> int:
         """Blocks an append of n_new tokens would allocate (including a copy-on-write copy)."""
@@ -138,14 +176,20 @@ class PagedKVCache:
         prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         if not self.prefix_caching:
             return 0
-        bs = self.block_size
+        bs, parent = self.block_size, None
+        self.query_tokens += len(prompt)
         for i in range((len(prompt) - 1) // bs):  # full blocks strictly before the last prompt token
-            b = self.prefix_table.get(tuple(prompt[: (i + 1) * bs]))
+            h, b = self._lookup(parent, prompt[i * bs : (i + 1) * bs])
             if b is None:
                 break
+            if self.refcount[b] == 0:  # a cached block nobody used: take it off the eviction list
+                del self.evictable[b]
             self.refcount[b] += 1
             s.blocks.append(b)
             s.tokens.extend(prompt[i * bs : (i + 1) * bs])
+            s.hashes.append(h)
+            parent = h
+        self.hit_tokens += len(s.tokens)
         return len(s.tokens)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
@@ -155,10 +199,10 @@ class PagedKVCache:
         p = self._seq(parent_id)
         for b in p.blocks:
             self.refcount[b] += 1
-        self.seqs[child_id] = _Seq(list(p.blocks), list(p.tokens))
+        self.seqs[child_id] = _Seq(list(p.blocks), list(p.tokens), list(p.hashes))
 
     def free(self, seq_id: Hashable) -> None:
-        for b in self._seq(seq_id).blocks:
+        for b in reversed(self._seq(seq_id).blocks):  # tail first: a prefix's later blocks are evicted before its head
             self._decref(b)
         del self.seqs[seq_id]
 
@@ -178,10 +222,12 @@ class PagedKVCache:
     def _register_full_blocks(self, seq_id: Hashable, old_len: int) -> None:
         s, bs = self.seqs[seq_id], self.block_size
         for i in range(old_len // bs, len(s.tokens) // bs):  # blocks that just became full
-            prefix = tuple(s.tokens[: (i + 1) * bs])
-            if prefix not in self.prefix_table and s.blocks[i] not in self.block_prefix:
-                self.prefix_table[prefix] = s.blocks[i]
-                self.block_prefix[s.blocks[i]] = prefix
+            parent, tokens = (s.hashes[i - 1] if i else None), s.tokens[i * bs : (i + 1) * bs]
+            h, cached = self._lookup(parent, tokens)
+            s.hashes.append(h)
+            if cached is None and h not in self.prefix_table and s.blocks[i] not in self.block_key:
+                self.prefix_table[h] = s.blocks[i]
+                self.block_key[s.blocks[i]] = (parent, tuple(tokens), h)
 
     def slots(self, seq_id: Hashable, positions: torch.Tensor) -> torch.Tensor:
         """Flat pool row of each position of a sequence."""

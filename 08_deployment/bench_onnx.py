@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         {f"{r['workload']}\n{r['engine']}": r["speedup_vs_torch"] for r in rows},
         assets_dir(__file__) / "bench_onnx.png",
         title="onnxruntime speedup over torch eager (CPU)",
-        ylabel="x torch eager",
+        ylabel="speedup (× torch eager, higher is better)",
     )
     return {"rows": rows, "max_diff": diff, "plot": str(plot)}
 

@@ -78,7 +78,13 @@ class PagedEngine(_Slots):
     contiguous fast path when one sequence runs alone. ``fused=False`` runs ch01's model itself (for comparison)."""
 
     def __init__(
-        self, model: GPT, max_slots: int, max_context: int | None = None, block_size: int = 16, fused: bool = True
+        self,
+        model: GPT,
+        max_slots: int,
+        max_context: int | None = None,
+        block_size: int = 16,
+        fused: bool = True,
+        prefix_caching: bool = True,
     ):
         super().__init__(max_slots)
         self.cfg = model.config
@@ -87,7 +93,12 @@ class PagedEngine(_Slots):
         blocks_per_seq = -(-self.max_context // block_size) + 1  # + 1: a copy-on-write copy of a shared block
         p = next(model.parameters())
         self.cache = PagedKVCache(
-            self.cfg, num_blocks=max_slots * blocks_per_seq, block_size=block_size, device=p.device, dtype=p.dtype
+            self.cfg,
+            num_blocks=max_slots * blocks_per_seq,
+            block_size=block_size,
+            device=p.device,
+            dtype=p.dtype,
+            prefix_caching=prefix_caching,
         )
         self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache
         self.solo: tuple[int, KVCache, list[int]] | None = None  # (slot, its contiguous cache, tokens not in the pool)
@@ -99,6 +110,20 @@ class PagedEngine(_Slots):
         if slot in self.cache.seqs:
             self.cache.free(slot)
         super().release(slot)
+
+    def fork(self, parent: int) -> int:
+        """A new slot sharing every KV block of ``parent`` (``n > 1`` choices of one prompt): no second prefill; the
+        partial last block is copied on the first write (copy-on-write in ch07's cache)."""
+        if self.solo is not None and self.solo[0] == parent:
+            self._fold_solo({})  # its fast-path tokens must be in the pool before the blocks are shared
+        child = self.alloc()
+        self.cache.fork(parent, child)
+        self.lengths[child] = self.lengths[parent]
+        return child
+
+    def stats(self) -> dict[str, int]:
+        """KV blocks used / cached (evictable) / free and prefix-cache token counters (for /metrics)."""
+        return self.cache.stats()
 
     def prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
         self._check_prompt(prompt_ids)
@@ -217,6 +242,13 @@ class Engine(_Slots):
         for s in slots:
             self.lengths[s] = past_len + T
         return logits[:, -1].float()  # (G, V)
+
+    def fork(self, parent: int) -> int:
+        """A new slot holding a copy of ``parent``'s keys/values (``n > 1`` choices of one prompt, no second prefill)."""
+        child = self.alloc()
+        self.k[child], self.v[child] = self.k[parent], self.v[parent]
+        self.lengths[child] = self.lengths[parent]
+        return child
 
     def prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
         """Run the prompt for one fresh slot; returns the next-token logits (V,)."""

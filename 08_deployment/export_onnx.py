@@ -141,9 +141,11 @@ def export_decode(model: GPT, path: str | Path) -> Path:
     """Decode graph; the example uses past=3, seq=2 so neither axis is specialised to 0/1 during tracing."""
     from torch.export import Dim
 
+    cfg = model.config
+    if cfg.mla_kv_rank:
+        raise ValueError("the decode graph passes per-head past keys/values; an MLA model caches a latent: export_full")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
     B, P, T = 2, 3, 2
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.ones(B, P + T, dtype=torch.long)

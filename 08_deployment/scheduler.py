@@ -6,6 +6,18 @@ cancelled one leaves between steps and frees its KV slot at once.
 Requests talk to the asyncio side through ``on_event`` callbacks (called on this thread; the server forwards them to an
 asyncio.Queue with ``loop.call_soon_threadsafe``). Sampling uses chapter 07's ``Sampler`` (temperature, top-p) with a
 per-request ``torch.Generator``, so a seeded request samples the same tokens alone or in a batch.
+
+Per request, before its token is drawn (``_draw``):
+  * ``n_logprobs`` (not None): the model's own log-probabilities, ``log_softmax`` of the raw logits row (before the
+    temperature, top-p and any processor), of the drawn token and of the ``n_logprobs`` most likely ones; they ride on
+    the ``Event`` that carries the token's text.
+  * ``logits_processor(generated_ids, logits) -> logits``: a per-request hook on that row's logits (V,) float32
+    before sampling, e.g. a constrained-decoding mask (-inf on forbidden tokens); ``generated_ids`` is the list of
+    ids drawn so far (the hook may keep state and consume only the new ones). If the processor has an
+    ``is_finished(generated_ids) -> bool`` method, True after a draw finishes the request with ``"stop"``.
+  * ``forks``: the other ``n - 1`` choices of the same prompt. They are admitted with it; after its prefill each
+    gets a slot that SHARES its KV blocks (``engine.fork``: copy-on-write of the partial last block) and draws its first
+    token from the same logits: one prefill for ``n`` choices. A seeded request's fork ``i`` samples with seed + i.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ class Event:
     error: str | None = None  # set when the request failed (then it is done too)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict] | None = None  # (n_logprobs set) {"id", "logprob", "top": [(id, logprob)...]} per token
 
 
 @dataclass
@@ -46,16 +59,27 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     on_event: Callable[[Event], None] = lambda ev: None
+    n_logprobs: int | None = None  # None: no logprobs; k >= 0: the drawn token's and the k most likely tokens'
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None  # see the module docstring
+    forks: list[GenRequest] = field(default_factory=list)  # n > 1: the other choices, forked after this prefill
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the scheduler
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    token_info: list[dict] = field(default_factory=list)  # logprob entries of the generated tokens
+    sent_tokens: int = 0  # entries already emitted
+    decoded_chars: int = 0  # length of the decoded text before the last token
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     generator: torch.Generator | None = None
     sampler: Sampler | None = None
+
+    @property
+    def width(self) -> int:
+        """Slots this request takes when admitted: itself + its forks."""
+        return 1 + len(self.forks)
 
 
 class Scheduler:
@@ -84,22 +108,29 @@ class Scheduler:
                 raise RuntimeError("server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise OverflowError(f"queue full ({self.max_queue} waiting requests)")
+            if req.width > self.engine.max_slots:
+                raise ValueError(f"n={req.width} choices need more than the {self.engine.max_slots} batch slots")
             self.waiting.append(req)
             self._gauges()
             self.cv.notify()
 
     def cancel(self, req: GenRequest) -> None:
-        req.cancelled.set()
+        """Cancel a request and its forks (the client went away)."""
+        for r in (req, *req.forks):
+            r.cancelled.set()
         with self.cv:
             self.cv.notify()
 
     def stats(self) -> dict:
+        """Queue and batch sizes, free slots, and the engine's KV-block / prefix-cache counts where it has them."""
         with self.cv:
+            engine_stats = self.engine.stats() if hasattr(self.engine, "stats") else {}
             return {
                 "waiting": len(self.waiting),
                 "running": len(self.running),
                 "free_slots": len(self.engine.free),
                 "steps": self.steps,
+                **engine_stats,
             }
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -114,7 +145,7 @@ class Scheduler:
             self.stopped = True
             self.cv.notify()
         self.thread.join(timeout=5.0)
-        for req in list(self.waiting) + list(self.running):
+        for req in [r for w in self.waiting for r in (w, *w.forks)] + list(self.running):
             req.on_event(Event(error="server shut down before the request finished"))
         self.waiting.clear()
         self.running.clear()
@@ -132,13 +163,15 @@ class Scheduler:
                 if self.stopped:
                     return
                 admit = []
-                while self.waiting and len(self.running) + len(admit) < self.engine.max_slots:
+                taken = len(self.running)
+                while self.waiting and taken + self.waiting[0].width <= self.engine.max_slots:
                     admit.append(self.waiting.popleft())
+                    taken += admit[-1].width
             try:
                 self._step(admit)
             except Exception as e:  # one bad step fails the requests in it, never the server
                 log.exception("scheduler step failed")
-                for req in admit + self.running:
+                for req in {r.id: r for r in [x for a in admit for x in (a, *a.forks)] + self.running}.values():
                     self._finish(req, Event(error=f"internal error: {e}"))
                 with self.cv:
                     self.running = []
@@ -159,23 +192,62 @@ class Scheduler:
             for req, row in zip(decode_batch, logits):
                 self._advance(req, row)
         for req in admit:
-            if req.cancelled.is_set():
-                self._finish(req, None)
-                continue
-            req.slot = self.engine.alloc()
-            req.generator = torch.Generator().manual_seed(
-                req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            )
-            req.sampler = Sampler(temperature=req.temperature, top_p=req.top_p)
-            with self.cv:
-                self.running.append(req)
-            self._advance(req, self.engine.prefill(req.slot, req.prompt_ids))
+            self._admit(req)
 
-    def _sample(self, req: GenRequest, logits: torch.Tensor) -> int:
-        return int(req.sampler(logits[None].cpu(), None, req.generator)[0])  # (1, V) -> (1,)
+    def _admit(self, req: GenRequest) -> None:
+        """Prefill a new request, fork its ``n - 1`` siblings off the prefilled prompt, draw everyone's first token."""
+        if req.cancelled.is_set():  # the client went away while it waited: its forks went with it
+            for r in (req, *req.forks):
+                self._finish(r, None)
+            return
+        before = getattr(self.engine, "prefix_hit_tokens", 0)
+        req.slot = self.engine.alloc()
+        self._start(req, 0)
+        logits = self.engine.prefill(req.slot, req.prompt_ids)  # (V,)
+        hit = getattr(self.engine, "prefix_hit_tokens", 0) - before
+        self.metrics.inc("prefix_cache_hit_tokens_total", "prompt tokens served from the prefix cache", hit)
+        self.metrics.inc(
+            "prompt_tokens_prefilled_total", "prompt tokens run through the model", len(req.prompt_ids) - hit
+        )
+        group = [req]
+        for i, child in enumerate(req.forks, 1):  # before the parent's first draw: it may finish (and free) at once
+            if child.cancelled.is_set():
+                self._finish(child, None)
+                continue
+            child.slot = self.engine.fork(req.slot)
+            child.t_submit = req.t_submit
+            self._start(child, i)
+            group.append(child)
+        for r in group:
+            self._advance(r, logits)
+
+    def _start(self, req: GenRequest, index: int) -> None:
+        """Sampling state of a request (fork ``index`` of its group) and its place in the running batch."""
+        req.generator = torch.Generator().manual_seed(
+            req.seed + index if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        )
+        req.sampler = Sampler(temperature=req.temperature, top_p=req.top_p)
+        with self.cv:
+            self.running.append(req)
+
+    def _draw(self, req: GenRequest, logits: torch.Tensor) -> int:
+        """The next token from one row of logits (V,): logprob entry (if asked), the request's processor, its sampler."""
+        row = logits.float().cpu()
+        if req.n_logprobs is not None:
+            logp = torch.log_softmax(row, -1)  # the model's own distribution: before temperature, top-p and masks
+        if req.logits_processor is not None:
+            row = req.logits_processor(req.generated, row)
+        token = int(req.sampler(row[None], None, req.generator)[0])  # (1, V) -> (1,)
+        if req.n_logprobs is not None:
+            entry = {"id": token, "logprob": float(logp[token]), "top": []}
+            if req.n_logprobs:
+                top = logp.topk(req.n_logprobs)
+                entry["top"] = list(zip(top.indices.tolist(), top.values.tolist()))
+            req.token_info.append(entry)
+        return token
 
     def _advance(self, req: GenRequest, logits: torch.Tensor):
-        token = self._sample(req, logits)
+        token = self._draw(req, logits)
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -183,9 +255,17 @@ class Scheduler:
         finish = None
         if self.eos_id is not None and token == self.eos_id:
             finish = "stop"
+            if req.token_info:
+                req.token_info.pop()  # the end-of-turn token is not part of the text
         else:
             req.generated.append(token)
+            done = getattr(req.logits_processor, "is_finished", None)
+            if done is not None and done(req.generated):
+                finish = "stop"
         text = self.tok.decode(req.generated)
+        if req.token_info and "end" not in req.token_info[-1]:  # the new token's text span
+            req.token_info[-1].update(offset=req.decoded_chars, end=len(text))
+        req.decoded_chars = len(text)
         cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
@@ -205,11 +285,26 @@ class Scheduler:
             completion_tokens=len(req.generated),
         )
         req.sent_chars = max(safe, req.sent_chars)
+        if req.n_logprobs is not None:
+            event.logprobs = self._sent_logprobs(req, finish is not None, cut)
         self.metrics.inc("generation_tokens_total", "tokens generated", 1)
         if finish is None:
             req.on_event(event)
         else:
             self._finish(req, event)
+
+    @staticmethod
+    def _sent_logprobs(req: GenRequest, done: bool, cut: int) -> list[dict]:
+        """The logprob entries of the tokens whose text is now wholly sent; at the end every token's (those starting
+        at or after a stop string's cut are not part of the text)."""
+        k = req.sent_tokens
+        while k < len(req.token_info):
+            e = req.token_info[k]
+            if (not done and e["end"] > req.sent_chars) or (done and cut >= 0 and e["offset"] >= cut):
+                break
+            k += 1
+        entries, req.sent_tokens = req.token_info[req.sent_tokens : k], k
+        return entries
 
     def _finish(self, req: GenRequest, event: Event | None):
         """Leave the batch and free the slot; ``event`` None = cancelled by the client (nobody to tell)."""

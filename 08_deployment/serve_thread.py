@@ -6,6 +6,7 @@ with ServerThread(state) as url:          # url = "http://127.0.0.1:PORT"
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -59,10 +60,14 @@ class ServerThread:
 
 class ServerProcess:
     """``python 08_deployment/server.py ARGS --port P`` in a subprocess (own interpreter, so load-generating clients
-    do not share the server's GIL); waits for /health, stops with SIGINT (uvicorn's graceful shutdown)."""
+    do not share the server's GIL); waits for ``health_path``, stops with SIGINT (uvicorn's graceful shutdown)."""
 
-    def __init__(self, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 300.0):
-        self.host, self.port = host, free_port()
+    health_path = "/health"
+
+    def __init__(
+        self, args: list[str], host: str = "127.0.0.1", startup_timeout: float = 300.0, env: dict | None = None
+    ):
+        self.host, self.port, self.env = host, free_port(), env  # env: variables added to this process's
         self.cmd = [
             sys.executable,
             str(Path(__file__).with_name("server.py")),
@@ -84,19 +89,19 @@ class ServerProcess:
     def __enter__(self) -> str:
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd)
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {self.proc.returncode}: {' '.join(self.cmd)}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health_path, timeout=2).status_code == 200:
                     return self.url
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         self.__exit__()
-        raise RuntimeError(f"server did not answer /health within {self.startup_timeout:.0f} s")
+        raise RuntimeError(f"server did not answer {self.health_path} within {self.startup_timeout:.0f} s")
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

@@ -79,13 +79,16 @@ def build_state(
     shutdown_timeout: float = 10.0,
     kv_cache: str = "paged",
     decoder: str = "fused",
+    prefix_caching: bool = True,
 ) -> ServerState:
-    """The engine for ``backend`` / ``kv_cache`` (``decoder``: "fused" = ch07's FusedDecoder, "model" = ch01's forward),
-    its scheduler thread and metrics."""
+    """The engine for ``backend`` / ``kv_cache`` (``decoder``: "fused" = ch07's FusedDecoder, "model" = ch01's forward;
+    ``prefix_caching``: the paged cache reuses blocks of earlier prompts), its scheduler thread and metrics."""
     if decoder not in ("fused", "model"):
         raise ValueError(f"unknown decoder {decoder!r}; choose fused or model")
     if backend == "torch" and kv_cache == "paged":
-        engine = PagedEngine(model, max_slots=max_batch, max_context=max_context, fused=decoder == "fused")
+        engine = PagedEngine(
+            model, max_slots=max_batch, max_context=max_context, fused=decoder == "fused", prefix_caching=prefix_caching
+        )
     elif backend == "torch":
         engine = Engine(model, TorchBackend(model), max_slots=max_batch, max_context=max_context)
     elif backend == "onnxruntime":
@@ -137,6 +140,12 @@ def parse_args(argv=None):
         choices=["fused", "model"],
         help="paged torch engine: ch07's FusedDecoder (+ its single-sequence C fast path) or ch01's model forward",
     )
+    p.add_argument(
+        "--prefix-caching",
+        default=env("LLM_PREFIX_CACHING", "on"),
+        choices=["on", "off"],
+        help="paged engine: reuse the KV blocks of a prompt prefix seen before (system prompt, chat history)",
+    )
     p.add_argument("--onnx-path", default=env("LLM_ONNX_PATH", None), help="decode graph (default: export + cache)")
     p.add_argument("--max-batch", type=int, default=env("LLM_MAX_BATCH", 16), help="sequences decoded together")
     p.add_argument(
@@ -177,6 +186,7 @@ def state_from_args(args) -> ServerState:
         args.shutdown_timeout,
         args.kv_cache,
         args.decoder,
+        args.prefix_caching == "on",
     )
 
 

@@ -101,7 +101,31 @@ def test_prefix_sharing_reuses_blocks_and_keeps_logits(model):
     logits = cache.run(model, {"p2": [7]})  # shared blocks survive the first owner
     torch.testing.assert_close(logits[0], ref_logits(model, p2 + [7])[-1], atol=1e-5, rtol=1e-5)
     cache.free("p2")
-    assert cache.num_free_blocks == 32 and not cache.prefix_table
+    assert cache.num_free_blocks == 32  # the shared blocks stay cached (unreferenced, evictable) ...
+    assert cache.stats()["blocks_used"] == 0 and cache.stats()["blocks_cached"] == 2
+    assert cache.add_sequence("p3", p2 + [9]) == 16  # ... so a later request with the prefix still finds them
+    logits = cache.run(model, {"p3": (p2 + [9])[16:]})
+    torch.testing.assert_close(logits[0], ref_logits(model, p2 + [9])[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_lru_eviction(model):
+    """Unreferenced cached blocks are reused by later requests and evicted least recently used first when the pool
+    runs out of never-used blocks; a hit needs the whole chain of parent blocks (hash of parent hash + tokens)."""
+    cache = PagedKVCache(model.config, num_blocks=6, block_size=4)
+    a, b = list(range(9)), list(range(20, 29))  # 2 full blocks + 1 token each
+    for name, prompt in (("a", a), ("b", b)):
+        cache.add_sequence(name, prompt)
+        cache.run(model, {name: prompt})
+        cache.free(name)
+    assert cache.stats()["blocks_cached"] == 4 and cache.num_free_blocks == 6
+    assert cache.add_sequence("a2", a) == 8  # a's blocks, untouched
+    cache.free("a2")  # a is now the most recently used prefix
+    cache.add_sequence("c", list(range(28, 40)))
+    cache.run(model, {"c": list(range(28, 40))})  # 3 blocks: 2 never used + 1 evicted (b's tail block first)
+    assert cache.add_sequence("b2", b) == 4  # b's head block survived, its tail was evicted
+    assert cache.add_sequence("a3", a) == 8
+    assert cache.add_sequence("x", [39, 1, 2, 3] + a[4:]) == 0  # same second block after another first: no hit
+    assert cache.stats()["prefix_hit_tokens"] == 8 + 4 + 8
 
 
 def test_fork_copy_on_write(model):

@@ -43,3 +43,43 @@ def test_unknown_model_is_one_clear_line():
         from ch08.server import main
 
         main(["--model", "no-such-model"])
+
+
+def test_real_tokenizer_greedy_n_stop_spanning_tokens_and_logprobs(smollm2):
+    """On SmolLM2's byte-level BPE: n=2 greedy choices (forked KV blocks) equal ch01's generate; a stop string that
+    starts inside one token and ends inside the next cuts the text there; chat logprobs equal log_softmax of a plain
+    forward over the chat prompt."""
+    import httpx
+    import torch
+
+    from ch01.chat_template import apply_chat_template
+    from ch01.generate import generate
+    from ch08.server import build_state
+
+    model, tok = smollm2
+    state = build_state(model, tok, NAME, max_batch=2, max_context=256, shutdown_timeout=2.0)
+    prompt = "The capital of France is"
+    ref = generate(model, [tok.encode(prompt)], 12, temperature=0.0)[0]
+    text = tok.decode(ref)
+    first = len(tok.decode(ref[:1]))
+    stop = text[first - 2 : first + 1]  # the last two characters of token 1 + the first of token 2
+    assert first >= 2 and len(tok.decode(ref[:2])) > first and text.find(stop) == first - 2
+    msgs = [{"role": "user", "content": "Say hello."}]
+    with ServerThread(state) as url:
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0, "n": 2}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+        cut = httpx.post(url + "/v1/completions", json={**body, "n": 1, "stop": [stop]}, timeout=120).json()
+        chat = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": NAME, "messages": msgs, "max_tokens": 4, "temperature": 0, "logprobs": True},
+            timeout=120,
+        ).json()
+    assert [c["text"] for c in r["choices"]] == [text, text]
+    assert (cut["choices"][0]["text"], cut["choices"][0]["finish_reason"]) == (text[: first - 2], "stop")
+    ids = apply_chat_template(tok, msgs)
+    gen = generate(model, [ids], 4, temperature=0.0, stop_ids=[tok.eos_id])[0]
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(model(torch.tensor([ids + gen]))[0].float(), -1)  # (T, V)
+    got = [c["logprob"] for c in chat["choices"][0]["logprobs"]["content"]]
+    want = [float(ref_lp[len(ids) - 1 + i, t]) for i, t in enumerate(gen) if t != tok.eos_id]
+    assert got == pytest.approx(want, abs=1e-3)

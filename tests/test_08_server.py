@@ -166,7 +166,7 @@ def test_malformed_requests_get_openai_errors_and_server_keeps_serving(server):
         ("post", "/v1/completions", {"json": {**ok, "prompt": "x" * 600}}, 400),  # prompt > context
         ("post", "/v1/completions", {"json": {**ok, "model": "gpt-17"}}, 404),
         ("post", "/v1/completions", {"json": {**ok, "temperature": 9}}, 400),
-        ("post", "/v1/completions", {"json": {**ok, "n": 2}}, 400),
+        ("post", "/v1/completions", {"json": {**ok, "n": MAX_BATCH + 1}}, 400),  # more choices than the batch
         ("post", "/v1/completions", {"json": {"model": MODEL}}, 400),  # missing prompt
         ("post", "/v1/completions", {"json": {**ok, "prompt": "emoji \U0001f600"}}, 400),  # not in the vocabulary
         ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": []}}, 400),
