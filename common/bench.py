@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -152,8 +153,28 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def hardware_info(device: str | torch.device = "cpu") -> str:
-    """One line naming the machine, for the header of every benchmark table."""
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 3) -> float:
+    """Calibration: GB/s at which this process reads float32 memory (``torch.sum`` over ``mib`` MiB, median)."""
+    x = torch.ones(mib * 2**18)
+    return x.numel() * 4 / timeit(lambda: x.sum(), warmup=1, repeats=repeats).median / 1e9
+
+
+def sgemm_gflops(n: int = 512, repeats: int = 5) -> float:
+    """Calibration: float32 GFLOP/s of one n×n @ n×n matmul (median) — what compute-bound code can expect here."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timeit(lambda: a @ b, warmup=2, repeats=repeats).median / 1e9
+
+
+@functools.cache
+def calibration(threads: int) -> str:
+    """The line "sgemm X GFLOP/s, memory read Y GB/s" at ``threads`` threads, measured once per process (~0.3 s): machines
+    differ several-fold, so absolute timings are printed beside it (ratios in one run are what compare)."""
+    return f"sgemm {sgemm_gflops():.0f} GFLOP/s, memory read {read_bandwidth_gbs(256):.1f} GB/s"
+
+
+def hardware_info(device: str | torch.device = "cpu", calibrate: bool = True) -> str:
+    """One line naming the machine, for the header of every benchmark table; on a CPU it ends with a calibration
+    (``calibration()``: sgemm GFLOP/s and memory read GB/s at the current thread count)."""
     device = torch.device(device)
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
@@ -165,4 +186,7 @@ def hardware_info(device: str | torch.device = "cpu") -> str:
         except (OSError, StopIteration):
             pass
         hw = f"{cpu}, {os.cpu_count()} cores"
-    return f"{hw}; torch {torch.__version__}; {torch.get_num_threads()} threads; Python {platform.python_version()}"
+    line = f"{hw}; torch {torch.__version__}; {torch.get_num_threads()} threads; Python {platform.python_version()}"
+    if calibrate and device.type == "cpu":
+        line += f"; {calibration(torch.get_num_threads())}"
+    return line

@@ -45,8 +45,10 @@ def line_plot(
     logy: bool = False,
     marker: str = "o",
     legend_outside: bool = False,
+    integer_x: bool = False,
 ) -> Path:
-    """One line per ``name -> (xs, ys)``; saved to ``path``. ``legend_outside``: beside the axes (many lines)."""
+    """One line per ``name -> (xs, ys)``; saved to ``path``. ``legend_outside``: beside the axes (many lines);
+    ``integer_x``: only whole-number ticks on x (rounds, epochs)."""
     fig, ax = plt.subplots(figsize=(9.0, 4.2) if legend_outside else (6.4, 4.2))
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker=marker if len(xs) < 40 else None, label=name)
@@ -57,6 +59,10 @@ def line_plot(
         ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(series) > 1 and legend_outside:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
