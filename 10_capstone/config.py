@@ -8,13 +8,9 @@ silently trains the wrong model.
 from __future__ import annotations
 
 import copy
+import tomllib  # Python >= 3.11 (pyproject's requires-python)
 from dataclasses import fields
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 from ch01.model import GPTConfig
 from ch01.train import TrainConfig
@@ -29,7 +25,15 @@ DEFAULTS: dict = {
     "tokenizer": {"vocab_size": 512, "special_tokens": ["<|endoftext|>"]},
     "model": {"preset": "small", "attn_impl": "auto"},
     "train": {},
-    "eval": {"max_batches": None, "batch_size": 32, "decode_tokens": 100, "decode_prompt_tokens": 16},
+    "eval": {
+        "max_batches": None,
+        "batch_size": 32,
+        "decode_tokens": 100,
+        "decode_prompt_tokens": 16,
+        "bpb_chars": 4000,  # held-out Shakespeare and README prose for bits per byte (10_capstone/eval_suite.py)
+        "cloze_items": 100,  # ch01's Shakespeare next-line multiple choice
+        "task_items": 10,  # held-out items per chapter-03 task (0: skip)
+    },
     "sample": {
         "prompt": "ROMEO:\n",
         "max_new_tokens": 200,
@@ -90,7 +94,8 @@ def model_config(cfg: dict, vocab_size: int, device_type: str) -> GPTConfig:
     m = dict(cfg["model"])
     preset = m.pop("preset")
     if m.get("attn_impl") == "auto":  # the Triton kernel only pays off where it compiles: on a CUDA GPU
-        m["attn_impl"] = "flash_triton" if device_type == "cuda" else "sdpa"
+        triton_ok = device_type == "cuda" and not m.get("mla_kv_rank")  # MLA's q/k and v head sizes differ
+        m["attn_impl"] = "flash_triton" if triton_ok else "sdpa"
     return GPTConfig.preset(preset, vocab_size=vocab_size, **m)
 
 

@@ -38,6 +38,7 @@ def _model_rows(m: dict) -> list[dict]:
         ("val loss", _loss(ev.get("val_loss"))),
         ("perplexity (per BPE token)", f"{ev.get('perplexity', float('nan')):.2f}"),
     ]
+    rows += _suite_rows(ev.get("suite", {}))
     speed = ev.get("decode_tokens_per_s", {})
     if speed:
         rows.append(
@@ -48,6 +49,27 @@ def _model_rows(m: dict) -> list[dict]:
             )
         )
     return [{"metric": k, "value": v} for k, v in rows]
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "–"
+
+
+def _suite_rows(suite: dict) -> list[tuple[str, str]]:
+    """The capstone model's columns of the course's evaluation table (``10_capstone/eval_suite.py``)."""
+    if not suite:
+        return []
+    rows = [
+        ("bits per byte: held-out Shakespeare / README prose",
+         f"{_num(suite.get('bpb shakespeare'))} / {_num(suite.get('bpb prose'))} (window {suite.get('context')})"),
+        ("Shakespeare cloze acc / acc_norm (chance 0.25)",
+         f"{_num(suite.get('cloze acc'))} / {_num(suite.get('cloze acc_norm'))}"),
+    ]  # fmt: skip
+    tasks = suite.get("tasks") or {}
+    if tasks:
+        per_task = ", ".join(f"{t} {_num(v, '.2f')}" for t, v in tasks.items() if t != "mean")
+        rows.append(("chapter-03 task exact match (mean)", f"{_num(tasks.get('mean'))} ({per_task})"))
+    return rows
 
 
 def _artifact_rows(m: dict) -> list[dict]:

@@ -216,7 +216,21 @@ def stage_eval(run: Run) -> dict:
         "decode_tokens_per_s": _decode_speed(model, p, n),
         "decode_new_tokens": n,
         "samples": samples,
+        "suite": _suite_row(run, model, tok),
     }
+
+
+def _suite_row(run: Run, model, tok) -> dict:
+    """The capstone model's row of the course's one evaluation table (10_capstone/eval_suite.py): bits per byte,
+    the Shakespeare cloze, chapter-03 task exact match (HumanEval does not fit a mini-GPT's context)."""
+    from ch01.cloze import build_cloze
+    from ch10.eval_suite import bpb_texts, evaluate_model, parse_args
+
+    ev = run.cfg["eval"]
+    args = parse_args(["--models", "", "--tasks", str(ev["task_items"]), "--humaneval", "0",
+                       "--seed", str(run.cfg["seed"])])  # fmt: skip
+    row = evaluate_model(model, tok, args, bpb_texts(ev["bpb_chars"]), build_cloze(ev["cloze_items"]))
+    return {k: v for k, v in row.items() if k != "HumanEval pass@1"}
 
 
 def _decode_speed(model, prompt: list[int], n: int) -> dict:

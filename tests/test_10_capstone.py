@@ -51,6 +51,19 @@ def test_every_artifact_exists(run_dir):
     assert f"{ev['val_loss']:.4f}" in report and "## Samples" in report
 
 
+def test_eval_stage_reports_the_suites_row(run_dir):
+    from ch01.cloze import TARGET_DELIMITER, build_cloze
+    from ch01.scoring import multiple_choice
+
+    d, metrics = run_dir
+    suite = metrics["eval"]["suite"]
+    model, tok = GPT.load(d / "model").eval(), Tokenizer.load(d / "tokenizer")
+    mc = multiple_choice(model, tok, build_cloze(8), target_delimiter=TARGET_DELIMITER)
+    assert (suite["cloze acc"], suite["cloze acc_norm"]) == (mc["acc"], mc["acc_norm"])
+    assert 0 < suite["bpb shakespeare"] < 8  # a byte-level BPE model that learned something: below 8 bits a byte
+    assert f"{suite['bpb shakespeare']:.3f}" in (d / "report.md").read_text()
+
+
 def test_token_files_match_the_tokenizer(run_dir):
     d, _ = run_dir
     tok = Tokenizer.load(d / "tokenizer")
