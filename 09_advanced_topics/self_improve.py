@@ -81,7 +81,9 @@ def accuracy(model, tok, problems: list[Problem], max_new_tokens: int = 40) -> f
 def main(argv=None) -> dict:
     p = base_parser(__doc__, seed=True, out=True)
     p.add_argument("--n-seed", type=int, default=300, help="problems with gold rationales")
-    p.add_argument("--n-pool", type=int, default=500, help="problems with answers only")
+    p.add_argument(
+        "--n-pool", type=int, default=500, help="problems with answers only (> 500: plot star_accuracy_pool<N>.png)"
+    )
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--max-value", type=int, default=9)
     p.add_argument("--rounds", type=int, default=3)
@@ -136,12 +138,15 @@ def main(argv=None) -> dict:
     )
     print(markdown_table(rows))
     rounds = list(range(args.rounds + 1))
+    # a pool bigger than the default (the README's bigger-budget run) gets its own file, so both plots can be shown
+    name = f"star_accuracy_pool{args.n_pool}.png" if args.n_pool > 500 else "star_accuracy.png"
     plot = line_plot(
         {"STaR": (rounds, [100 * a for a in star_acc]), "initial data only": (rounds, [100 * a for a in control_acc])},
-        plot_dir(args.out, __file__) / "star_accuracy.png",
+        plot_dir(args.out, __file__) / name,
         title="STaR: held-out exact match per round",
-        xlabel="round",
-        ylabel="accuracy (%)",
+        xlabel="round (0 = M0, before self-training)",
+        ylabel="held-out exact match (%)",
+        integer_x=True,
     )
     print(f"plot: {plot}")
     return {"star": star_acc, "control": control_acc, "time_s": elapsed}

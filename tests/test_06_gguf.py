@@ -180,7 +180,9 @@ def test_llama_cpp_logits_and_greedy_match_torch(llama_cpp, tiny, gguf_files, qt
         ours = model.generate(torch.tensor([ids]), 32, temperature=0)[0, len(ids) :].tolist()
         assert llama_cpp_greedy(llm, ids, 32) == ours
         default_kv = load_llama_cpp(gguf_files[qtype], model.config.block_size, n_threads=2, f32_kv_cache=False)
-        assert np.abs(llama_cpp_logits(default_kv, ids) - want).max() < 1e-3  # llama.cpp's default fp16 K/V cache
+        # llama.cpp's default fp16 K/V cache: each K and V rounded to 11 significant bits (relative error <= 2^-11)
+        # moves the logits by ~1e-3 on this model (measured 0.6-1.0e-3 between builds and training runs)
+        assert np.abs(llama_cpp_logits(default_kv, ids) - want).max() < 3e-3
         assert llama_cpp_greedy(default_kv, ids, 32) == ours
 
 
