@@ -33,10 +33,16 @@ class Tokenizer(Protocol):
     def save(self, directory: str | Path) -> Path: ...
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
+def load_tokenizer(directory: str | Path, chat: bool = True) -> Tokenizer:
     """Our char tokenizer.json, our BPE files (vocab.json + merges.txt with special_tokens.json / bpe_config.json), or a
-    Hugging Face tokenizer.json — checked in that order, so a directory holding ours and HF's loads ours."""
+    Hugging Face tokenizer.json — checked in that order, so a directory holding ours and HF's loads ours. A directory
+    written by a post-trained model (chapter 03's ``ChatTokenizer``: chat_tokenizer.json beside the base tokenizer)
+    loads as that, with its special tokens and chat template, unless ``chat=False`` (the base tokenizer only)."""
     directory = Path(directory)
+    if chat and (directory / "chat_tokenizer.json").exists():
+        from ch03.sft import ChatTokenizer  # chapter 03 extends this chapter's tokenizers; imported only when used
+
+        return ChatTokenizer.load(directory)
     hf_file = directory / "tokenizer.json"
     data = json.loads(hf_file.read_text(encoding="utf-8")) if hf_file.exists() else None
     if data is not None and data.get("type") == "char":

@@ -88,7 +88,7 @@ class ChatTokenizer:
         from ch01.tokenizer import load_tokenizer
 
         meta = json.loads((Path(directory) / "chat_tokenizer.json").read_text())
-        return cls(load_tokenizer(directory), meta["specials"], chat_template=meta["chat_template"])
+        return cls(load_tokenizer(directory, chat=False), meta["specials"], chat_template=meta["chat_template"])
 
 
 def extend_model(model: GPT, vocab_size: int, block_size: int | None = None) -> GPT:

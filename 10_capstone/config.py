@@ -43,6 +43,28 @@ DEFAULTS: dict = {
         "num_samples": 3,
     },
     "quantize": {"int8": True, "q8_0": True},
+    # post-training (10_capstone/posttrain.py, chapter 03): SFT on verifiable tasks, then GRPO on them
+    "sft": {
+        "enabled": True,
+        "tasks": ["add", "sub"],  # chapter 03's task suite: add, sub, count, reverse, sort, cloze
+        "digits": 2,  # operand digits of add / sub
+        "n_train": 3000,  # training examples per task
+        "n_test": 50,  # held-out examples per task (accuracy after every stage)
+        "iters": 300,
+        "lr": 3e-3,
+        "batch_size": 16,
+    },
+    "rl": {
+        "enabled": True,
+        "tasks": [],  # tasks GRPO trains on (empty: all of sft.tasks)
+        "steps": 30,
+        "prompts_per_step": 16,
+        "group_size": 8,
+        "max_new_tokens": 10,
+        "lr": 3e-5,
+        "beta": 0.04,  # KL coefficient
+        "dr_grpo": False,
+    },
     "serve": {"host": "127.0.0.1", "port": 8000, "max_batch": 16},
 }
 _MODEL_KEYS = {f.name for f in fields(GPTConfig)} | {"preset"}

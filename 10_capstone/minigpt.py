@@ -8,8 +8,10 @@
 
 Stages: tokenizer (ch01 byte-level BPE), data (memmapped token files), train (ch01 loop; Ctrl-C leaves a resumable
 checkpoint, re-running resumes), eval (val loss, perplexity, samples, decode speed with ch07's KV cache), quantize (ch06
-int8 RTN and GGUF Q8_0), export (safetensors, Hugging Face via ch01, ONNX via ch08, GGUF via ch06), report
-(runs/<name>/report.md), serve (ch08's server). Artifacts go to runs/<name>/ (gitignored).
+int8 RTN and GGUF Q8_0), export (safetensors, Hugging Face via ch01, ONNX via ch08, GGUF via ch06), sft and rl
+(ch03's SFT with a ChatML template and GRPO on verifiable tasks; accuracy per stage), report (runs/<name>/report.md),
+serve (ch08's server; the post-trained model and its chat template when sft / rl ran). Artifacts go to runs/<name>/
+(gitignored).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import sys
 
 from ch10.config import DEFAULT_CONFIG, ConfigError, load_config
+from ch10.posttrain import served_model_dir
 from ch10.stages import STAGES, Run, run_stage
 from common.cli import base_parser
 
@@ -34,7 +37,10 @@ def server_state(run: Run, model: str | None = None):
         print("no trained model yet: running the pipeline first")
         for stage in STAGES:
             run_stage(run, stage)
-    return build_state(run.model(), run.tokenizer(), "minigpt", max_batch=max_batch)
+    directory = served_model_dir(run)  # the post-trained model (its ChatML template) when sft / rl ran
+    gpt, tok, _ = load_model(str(directory), device=str(run.device))
+    print(f"model: {directory}")
+    return build_state(gpt, tok, "minigpt", max_batch=max_batch)
 
 
 def serve(run: Run, host: str | None, port: int | None, model: str | None = None) -> None:

@@ -93,6 +93,25 @@ def _artifact_rows(m: dict) -> list[dict]:
     return [dict(zip(("artifact", "size (MB)", "val loss", "change"), r)) for r in rows]
 
 
+def _posttrain_lines(m: dict) -> list[str]:
+    """The "Post-training" section: held-out exact match per task after each stage (base, SFT, GRPO)."""
+    sft, rl = m.get("sft", {}), m.get("rl", {})
+    if not sft:
+        return []
+    lines = ["## Post-training (chapter 03: SFT, then GRPO)", ""]
+    acc = (rl if "accuracy" in rl else sft).get("accuracy")
+    if acc:
+        tasks = [t for t in next(iter(acc.values())) if t != "mean"]
+        rows = [{"stage": s, **{t: f"{a[t]:.0%}" for t in tasks}, "mean": f"{a['mean']:.0%}"} for s, a in acc.items()]
+        lines += [f"Held-out exact match, greedy, {sft.get('test_examples')} questions in all "
+                  f"(SFT on {sft.get('train_examples')} examples).", "", markdown_table(rows), ""]  # fmt: skip
+    lines += [f"{stage}: skipped ({r['skipped']})" for stage, r in (("sft", sft), ("rl", rl)) if "skipped" in r]
+    if "reward_first_last" in rl:
+        first, last = rl["reward_first_last"]
+        lines += [f"GRPO mean reward {first:.2f} (first step) → {last:.2f} (last step); ![GRPO](grpo.png)", ""]
+    return lines
+
+
 def write_report(run) -> Path:
     m = run.metrics
     lines = [
@@ -110,6 +129,7 @@ def write_report(run) -> Path:
         "",
         "![loss curve](loss.png)",
         "",
+        *_posttrain_lines(m),
         "## Samples",
         "",
     ]

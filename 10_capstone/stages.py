@@ -6,7 +6,8 @@ started with the same fingerprint and did not finish.
 
 tokenizer (ch01 BPE) -> data (memmapped token files) -> train (ch01 loop, resumable) -> eval (val loss, samples,
 decode speed with ch07's KV cache) -> quantize (ch06 int8 RTN, GGUF Q8_0) -> export (HF via ch01, ONNX via ch08,
-GGUF via ch06) -> report (report.md) -> serve (ch08's OpenAI-compatible server).
+GGUF via ch06) -> sft, rl (ch03 SFT and GRPO on verifiable tasks: posttrain.py) -> report (report.md) -> serve
+(ch08's OpenAI-compatible server, the post-trained model with its chat template).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from ch01.evaluate import evaluate_loss
 from ch01.model import GPT
 from ch01.tokenizer import load_tokenizer
 from ch10.config import model_config, train_config
+from ch10.posttrain import stage_rl, stage_sft
 from common.checkpoint import atomic_write
 from common.data import SHAKESPEARE_PATH, SHAKESPEARE_SHA256, fingerprint, load_shakespeare, train_val_split
 from common.device import pick_device
 from common.plot import line_plot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["tokenizer", "data", "train", "eval", "quantize", "export", "report"]
+STAGES = ["tokenizer", "data", "train", "eval", "quantize", "export", "sft", "rl", "report"]
 
 
 class Run:
@@ -73,6 +75,8 @@ class Run:
             "eval": (c["eval"], c["sample"], c["seed"]),
             "quantize": (c["quantize"], c["eval"]),
             "export": (c["eval"],),
+            "sft": (c["sft"], c["seed"]),
+            "rl": (c["rl"],),
             "report": (),
         }[stage]
         i = STAGES.index(stage)
@@ -317,6 +321,8 @@ STAGE_FNS = {
     "eval": stage_eval,
     "quantize": stage_quantize,
     "export": stage_export,
+    "sft": stage_sft,
+    "rl": stage_rl,
     "report": stage_report,
 }
 

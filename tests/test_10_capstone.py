@@ -10,8 +10,10 @@ import torch
 
 from ch01.bpe import Tokenizer
 from ch01.model import GPT
+from ch01.tokenizer import load_tokenizer
 from ch10.config import ConfigError, load_config
 from ch10.minigpt import main
+from ch10.stages import STAGES
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,9 +43,13 @@ def test_every_artifact_exists(run_dir):
         "exports/hf/config.json",
         "exports/onnx/model.onnx",
         "exports/onnx/decode.onnx",
+        "sft/model.safetensors",
+        "sft/chat_tokenizer.json",
+        "rl/model.safetensors",
+        "grpo.png",
     ]:
         assert (d / rel).exists(), rel
-    assert set(metrics) >= {"tokenizer", "data", "train", "eval", "quantize", "export", "report"}
+    assert set(metrics) >= {"tokenizer", "data", "train", "eval", "quantize", "export", "sft", "rl", "report"}
     ev = metrics["eval"]
     assert np.isclose(ev["perplexity"], np.exp(ev["val_loss"]))
     assert ev["val_loss"] < np.log(300)  # learned something beyond a uniform guess over 300 BPE tokens
@@ -142,7 +148,7 @@ def test_rerun_skips_up_to_date_stages(run_dir, capsys):
     before = (d / "model" / "model.safetensors").stat().st_mtime_ns
     main(["all", "--config", "tiny", "--runs-dir", str(d.parent), "--no-progress"])
     out = capsys.readouterr().out
-    assert out.count("up to date") == 7
+    assert out.count("up to date") == len(STAGES)
     assert (d / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -194,10 +200,61 @@ def test_server_answers_through_openai_client(run_dir):
     with ServerThread(state) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         resp = client.completions.create(model="minigpt", prompt="ROMEO:", max_tokens=12, temperature=0)
-    model, tok = run.model(), run.tokenizer()
+    model, tok = GPT.load(d / "rl").eval(), load_tokenizer(d / "rl")  # serve's default: the post-trained model
     ids = tok.encode("ROMEO:")
-    expected = tok.decode(model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :].tolist())
-    assert resp.choices[0].text == expected and resp.usage.completion_tokens == 12
+    out = model.generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids) :].tolist()
+    if tok.eos_id in out:  # the server stops at <|im_end|>
+        out = out[: out.index(tok.eos_id)]
+    assert resp.choices[0].text == tok.decode(out) and resp.usage.completion_tokens <= 12
+
+
+def test_sft_and_rl_stages_report_accuracy_and_serve_chats_with_their_template(run_dir):
+    import openai
+
+    from ch01.chat_template import apply_chat_template
+    from ch03.grpo import accuracy
+    from ch03.sft import ChatTokenizer
+    from ch08.serve_thread import ServerThread
+    from ch10.minigpt import server_state
+    from ch10.posttrain import task_split
+    from ch10.stages import Run
+
+    d, metrics = run_dir
+    acc = metrics["rl"]["accuracy"]
+    assert list(acc) == ["base", "SFT", "GRPO"] and set(acc["SFT"]) == {"add", "sub", "mean"}
+    run = Run(load_config("tiny"), d.parent)
+    model, tok = GPT.load(d / "rl").eval(), load_tokenizer(d / "rl")
+    assert isinstance(tok, ChatTokenizer) and model.config.vocab_size == tok.vocab_size == 302  # BPE 300 + 2 specials
+    test_set = task_split(run)[1]
+    assert {k: round(v, 4) for k, v in accuracy(model, tok, test_set).items()} == {
+        k: v for k, v in acc["GRPO"].items() if k != "mean"
+    }  # the reported numbers are the saved model's
+    assert "## Post-training" in (d / "report.md").read_text()
+    messages = [{"role": "user", "content": test_set[0].prompt}]
+    state = server_state(run)
+    state.shutdown_timeout = 2.0
+    with ServerThread(state) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model="minigpt", messages=messages, max_tokens=8, temperature=0)
+    ids = apply_chat_template(tok, messages)  # ChatML: <|im_start|>user ... <|im_start|>assistant
+    out = model.generate(torch.tensor([ids]), 8, temperature=0.0)[0, len(ids) :].tolist()
+    stopped = tok.eos_id in out
+    out = out[: out.index(tok.eos_id)] if stopped else out
+    assert resp.choices[0].message.content == tok.decode(out)
+    assert resp.choices[0].finish_reason == ("stop" if stopped else "length")
+
+
+def test_disabled_post_training_is_skipped_and_serve_falls_back_to_the_base_model(tmp_path):
+    from ch10.posttrain import served_model_dir
+    from ch10.stages import Run, stage_rl, stage_sft
+
+    cfg = load_config("tiny")
+    cfg["sft"]["enabled"] = False
+    run = Run(cfg, tmp_path)
+    assert "skipped" in stage_sft(run)
+    run.done("sft", {"skipped": "sft.enabled = false"})
+    assert "SFT model" in stage_rl(run)["skipped"]  # GRPO needs the SFT model
+    assert served_model_dir(run) == run.model_dir
 
 
 def test_config_errors_are_clear(tmp_path):
