@@ -27,11 +27,13 @@ def plot_frontier(rows: list[dict], path) -> None:
 
     from common.plot import save_fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    for r in rows:
-        ax.scatter(r["kl"], r["true_reward"], s=40)
-        ax.annotate(r["method"], (r["kl"], r["true_reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("KL(π ‖ π_SFT), nats per response")
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    markers = "osD^vP*Xh"
+    for i, r in enumerate(rows):  # a legend, not text labels: several methods land on almost the same point
+        ax.scatter(r["kl"], r["true_reward"], s=50, color=f"C{i}", marker=markers[i % len(markers)], label=r["method"])
+    ax.set_xscale("symlog", linthresh=1.0)  # KL spans 0 … ~70 nats: linear below 1 nat, log above
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.set_xlabel("KL(π ‖ π_SFT), nats per response (symlog)")
     ax.set_ylabel("true reward (mean over the evaluation prompts)")
     ax.set_title("true reward vs. KL budget")
     ax.grid(alpha=0.3)

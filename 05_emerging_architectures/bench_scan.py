@@ -26,7 +26,7 @@ from ch05.logscan import choose_chunk
 from ch05.scan import parallel_scan, selective_scan, sequential_scan
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
-from common.plot import assets_dir, line_plot
+from common.plot import assets_dir
 
 COMPILED = "parallel (compiled chunks)"
 PARALLEL = "parallel (log-space chunks)"
@@ -71,6 +71,29 @@ def run_case(L: int, E: int, N: int, variant: str, backward: bool, repeats: int)
                 selective_scan(*args, scan=scan)
 
     return _time(fn, repeats)
+
+
+def plot_scan(rows: list[dict], path, title: str):
+    """Forward and forward+backward side by side (same log y axis), one colour per variant, legend below the panels."""
+    import matplotlib.pyplot as plt
+
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    for ax, mode in zip(axes, ("forward", "fwd+bwd")):
+        for i, v in enumerate(VARIANTS):
+            pts = [(r["L"], r[f"{v} CPU ms"]) for r in rows if r["pass"] == mode and f"{v} CPU ms" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=v)
+        ax.set(xscale="log", yscale="log", title=mode, xlabel="sequence length L")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("CPU ms per call (median, log scale)")
+    fig.suptitle(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> dict:
@@ -121,23 +144,8 @@ def main(argv=None) -> dict:
     )
     plot = None
     if not args.no_plot:
-        series = {
-            f"{m}: {v}": (
-                [r["L"] for r in rows if r["pass"] == m and f"{v} CPU ms" in r],
-                [r[f"{v} CPU ms"] for r in rows if r["pass"] == m and f"{v} CPU ms" in r],
-            )
-            for m in ("forward", "fwd+bwd")
-            for v in VARIANTS
-        }
-        plot = line_plot(
-            series,
-            assets_dir(__file__) / "bench_scan.png",
-            title=f"selective scan (E={args.d_inner}, N={args.d_state}, 1 sequence, {torch.get_num_threads()} thread)",
-            xlabel="sequence length L",
-            ylabel="CPU ms per call (median)",
-            logx=True,
-            logy=True,
-        )
+        title = f"selective scan (E={args.d_inner}, N={args.d_state}, 1 sequence, {torch.get_num_threads()} thread)"
+        plot = plot_scan(rows, assets_dir(__file__) / "bench_scan.png", title)
         print(f"plot: {plot}")
     return {"rows": rows, "plot": str(plot) if plot else None, "compile_s": compile_s}
 

@@ -96,6 +96,16 @@ def test_bench_scan_main_runs_and_variants_agree():
     assert {r["pass"] for r in res["rows"]} == {"forward", "fwd+bwd"}  # main() checks agreement before timing
 
 
+def test_bench_scan_plot_has_one_panel_per_pass(tmp_path):
+    from PIL import Image
+
+    from ch05.bench_scan import COMPILED, plot_scan
+
+    rows = [{"pass": m, "L": L, f"{COMPILED} CPU ms": L / 100} for m in ("forward", "fwd+bwd") for L in (256, 512)]
+    path = plot_scan(rows, tmp_path / "scan.png", "test")
+    assert Image.open(path).size[0] > Image.open(path).size[1]  # two panels side by side
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_compare_main_tiny(tmp_path):
