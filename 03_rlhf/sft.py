@@ -190,13 +190,37 @@ def sft_batches(packed: dict[str, torch.Tensor], batch_size: int, seed: int = 0,
     return next_batch
 
 
-def sft(model: GPT, tok, conversations: list[list[dict]], tc: TrainConfig, template: str | None = None) -> dict:
-    """Fine-tune ``model`` in place on ``conversations`` through ch01's ``train`` (assistant-only loss, packed rows).
+def replay_batches(batch_fn, data, rows: int, block_size: int, seed: int = 0, device="cpu"):
+    """Append ``rows`` windows of pretraining tokens ``data`` (every next token a target) to each SFT batch.
+
+    Without it a small model fine-tuned on a narrow task forgets its pretraining ("catastrophic forgetting": after
+    SFT on arithmetic the capstone's mini-GPT predicts ``<|im_end|>`` everywhere in Shakespeare). Mixing in pretraining
+    text is the usual guard (InstructGPT's "PPO-ptx" adds the pretraining loss for the same reason)."""
+    from common.data import get_batch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def next_batch():
+        idx, targets, positions, doc = batch_fn()
+        x, y = get_batch(data, rows, block_size, device=device, generator=gen)  # (rows, T) each
+        pos = torch.arange(block_size, device=device).expand(rows, -1)
+        return (torch.cat([idx, x]), torch.cat([targets, y]), torch.cat([positions, pos]),
+                torch.cat([doc, torch.zeros_like(x)]))  # fmt: skip
+
+    return next_batch
+
+
+def sft(model: GPT, tok, conversations: list[list[dict]], tc: TrainConfig, template: str | None = None,
+        replay=None, replay_rows: int = 0) -> dict:  # fmt: skip
+    """Fine-tune ``model`` in place on ``conversations`` through ch01's ``train`` (assistant-only loss, packed rows);
+    ``replay_rows`` > 0 adds that many rows of the pretraining tokens ``replay`` to every batch (``replay_batches``).
     Returns train's result (``model``, ``train_losses`` per step, ...)."""
     docs = [encode_conversation(tok, c, template) for c in conversations]
     packed = pack(docs, model.config.block_size)
     device = next(model.parameters()).device
     batch_fn = sft_batches(packed, tc.batch_size, seed=tc.seed, device=device)
+    if replay_rows:
+        batch_fn = replay_batches(batch_fn, replay, replay_rows, model.config.block_size, tc.seed, device)
     tc.eval_iters = 0  # the loop's evaluation reads a token stream; we evaluate with the task checkers instead
     return train(model, tc, None, None, loss_fn=masked_loss, batch_fn=batch_fn, tokenizer=None)
 

@@ -77,7 +77,6 @@ def plot_scan(rows: list[dict], path, title: str):
     """Forward and forward+backward side by side (same log y axis), one colour per variant, legend below the panels."""
     import matplotlib.pyplot as plt
 
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     for ax, mode in zip(axes, ("forward", "fwd+bwd")):
         for i, v in enumerate(VARIANTS):

@@ -53,6 +53,7 @@ DEFAULTS: dict = {
         "iters": 300,
         "lr": 3e-3,
         "batch_size": 16,
+        "replay_rows": 4,  # + rows of pretraining text per batch (0: none; the model then forgets Shakespeare)
     },
     "rl": {
         "enabled": True,

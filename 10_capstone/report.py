@@ -101,10 +101,13 @@ def _posttrain_lines(m: dict) -> list[str]:
     lines = ["## Post-training (chapter 03: SFT, then GRPO)", ""]
     acc = (rl if "accuracy" in rl else sft).get("accuracy")
     if acc:
-        tasks = [t for t in next(iter(acc.values())) if t != "mean"]
-        rows = [{"stage": s, **{t: f"{a[t]:.0%}" for t in tasks}, "mean": f"{a['mean']:.0%}"} for s, a in acc.items()]
+        tasks = [t for t in next(iter(acc.values())) if t not in ("mean", "val_loss")]
+        rows = [{"stage": s, **{t: f"{a[t]:.0%}" for t in tasks}, "mean": f"{a['mean']:.0%}",
+                 "Shakespeare val loss": f"{a['val_loss']:.4f}"} for s, a in acc.items()]  # fmt: skip
         lines += [f"Held-out exact match, greedy, {sft.get('test_examples')} questions in all "
-                  f"(SFT on {sft.get('train_examples')} examples).", "", markdown_table(rows), ""]  # fmt: skip
+                  f"(SFT on {sft.get('train_examples')} examples, {sft.get('replay_rows', 0)} rows of pretraining "
+                  "text in every batch); the val loss shows what the tasks cost the language model.", "",
+                  markdown_table(rows), ""]  # fmt: skip
     lines += [f"{stage}: skipped ({r['skipped']})" for stage, r in (("sft", sft), ("rl", rl)) if "skipped" in r]
     if "reward_first_last" in rl:
         first, last = rl["reward_first_last"]

@@ -248,3 +248,19 @@ def test_evaluate_tasks_any_model():
     shakespeare = CharTokenizer("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
     acc = evaluate_tasks(GPT(GPTConfig.preset("tiny", vocab_size=65)), shakespeare, n=4, max_new_tokens=4)
     assert acc["add"] is None and acc["sort"] is None and acc["reverse"] == 0.0
+
+
+def test_replay_rows_are_plain_next_token_windows_of_the_pretraining_tokens():
+    from ch03.sft import replay_batches, sft_batches
+
+    tok = ChatTokenizer(CharTokenizer.from_text("abc 0123456789+=?-"), extra_chars=alphabet())
+    docs = [encode_conversation(tok, e.messages()) for e in make_examples("add", 20, seed=0)]
+    packed = pack(docs, 32)
+    data = torch.arange(1000) % 7  # "pretraining" tokens with a pattern we can check
+    batch_fn = replay_batches(sft_batches(packed, 3, seed=0), data, rows=2, block_size=32, seed=0)
+    idx, targets, positions, doc = batch_fn()
+    assert idx.shape == targets.shape == positions.shape == doc.shape == (5, 32)
+    sft_rows, replay = slice(0, 3), slice(3, 5)
+    assert (targets[sft_rows] == -100).any()  # SFT rows: prompts are context, not targets
+    assert torch.equal(targets[replay], (idx[replay] + 1) % 7)  # replay rows: every next token is a target
+    assert torch.equal(positions[replay], torch.arange(32).expand(2, -1)) and (doc[replay] == 0).all()

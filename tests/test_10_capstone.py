@@ -221,15 +221,20 @@ def test_sft_and_rl_stages_report_accuracy_and_serve_chats_with_their_template(r
 
     d, metrics = run_dir
     acc = metrics["rl"]["accuracy"]
-    assert list(acc) == ["base", "SFT", "GRPO"] and set(acc["SFT"]) == {"add", "sub", "mean"}
+    assert list(acc) == ["base", "SFT", "GRPO"] and set(acc["SFT"]) == {"add", "sub", "mean", "val_loss"}
     run = Run(load_config("tiny"), d.parent)
     model, tok = GPT.load(d / "rl").eval(), load_tokenizer(d / "rl")
     assert isinstance(tok, ChatTokenizer) and model.config.vocab_size == tok.vocab_size == 302  # BPE 300 + 2 specials
     test_set = task_split(run)[1]
     assert {k: round(v, 4) for k, v in accuracy(model, tok, test_set).items()} == {
-        k: v for k, v in acc["GRPO"].items() if k != "mean"
+        k: v for k, v in acc["GRPO"].items() if k not in ("mean", "val_loss")
     }  # the reported numbers are the saved model's
-    assert "## Post-training" in (d / "report.md").read_text()
+    assert acc["GRPO"]["val_loss"] == round(run.val_loss(model), 4) and acc["base"]["val_loss"] == round(
+        run.val_loss(run.model()), 4
+    )  # the forgetting column: Shakespeare val loss of each stage's model
+    assert (
+        "## Post-training" in (d / "report.md").read_text() and "Shakespeare val loss" in (d / "report.md").read_text()
+    )
     messages = [{"role": "user", "content": test_set[0].prompt}]
     state = server_state(run)
     state.shutdown_timeout = 2.0
