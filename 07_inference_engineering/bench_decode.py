@@ -38,7 +38,7 @@ from ch07.models import decode_models
 from ch07.speculative import speculative_generate
 from common.bench import hardware_info, markdown_table, read_bandwidth_gbs
 from common.cli import base_parser
-from common.plot import assets_dir, bar_plot, line_plot
+from common.plot import assets_dir, line_plot
 
 SHIPPED = "q4_1"  # SmolLM2's own GGUF (Q4_1 blocks, Q8_0 embedding): compared as shipped, not re-exported
 
@@ -184,12 +184,32 @@ def llama_cpp_main(args) -> list[dict]:
         f"decode tokens/s over tokens 2..n, medians of {args.repeats}; same tokens: agreeing prefix with llama.cpp"
     )
     print(markdown_table(rows, floatfmt=".2f"))
-    bars = {f"{r['model']} {r['weights'].split()[0]} x{r['threads']}": r["ours / llama.cpp"] for r in rows}
-    if bars:
-        path = bar_plot(bars, assets_dir(__file__) / "decode_vs_llama_cpp.png", title="decode speed vs llama.cpp "
-                        "(same GGUF, batch 1)", ylabel="ours / llama.cpp tokens/s")  # fmt: skip
-        print(f"plot: {path}")
+    if rows and not args.no_plot:
+        print(f"plot: {plot_vs_llama_cpp(rows, assets_dir(__file__) / 'decode_vs_llama_cpp.png')}")
     return rows
+
+
+def plot_vs_llama_cpp(rows: list[dict], path):
+    """Grouped bars: one group per model and weight format, one bar per thread count, a line at parity."""
+    import matplotlib.pyplot as plt
+
+    from common.plot import save_fig
+
+    groups = list(dict.fromkeys(f"{r['model']}\n{r['weights'].split()[0]}" for r in rows))
+    threads = sorted({r["threads"] for r in rows})
+    width = 0.8 / len(threads)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(groups) + 1.5), 4.2))
+    for i, t in enumerate(threads):
+        pts = [(groups.index(f"{r['model']}\n{r['weights'].split()[0]}"), r["ours / llama.cpp"])
+               for r in rows if r["threads"] == t]  # fmt: skip
+        xs, ys = zip(*pts)
+        ax.bar([x + (i - (len(threads) - 1) / 2) * width for x in xs], ys, width, label=f"{t} thread{'s' * (t > 1)}")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)), groups, fontsize="small")
+    ax.set(ylabel="ours / llama.cpp decode tokens/s", title="decode speed vs llama.cpp (same GGUF weights, batch 1)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_fig(fig, path)
 
 
 def main(argv=None):
@@ -208,6 +228,7 @@ def main(argv=None):
     p.add_argument("--llama-quants", nargs="+", default=["f32", "q8_0", "q4_0", SHIPPED])
     p.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="threads for the --llama-cpp table")
     p.add_argument("--llama-new-tokens", type=int, default=64)
+    p.add_argument("--no-plot", action="store_true", help="do not write the plot into assets/")
     args = p.parse_args(argv)
     bad = set(args.llama_quants) - {"f32", "q8_0", "q4_0", SHIPPED}
     if bad:
@@ -270,6 +291,8 @@ def main(argv=None):
         "identical to cache",
     ]
     print(markdown_table(rows, cols, floatfmt=".2f"))
+    if args.no_plot:
+        return rows
     path = line_plot(
         {k: v for k, v in series.items() if v[0]},
         assets_dir(__file__) / "decode_tokens_per_s.png",

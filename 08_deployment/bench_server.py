@@ -326,6 +326,14 @@ def prefix_ttft(args, source: list[str], name: str) -> list[dict]:
     return rows
 
 
+def plot_label(args) -> str | None:
+    """What names the plot file: a pretrained model's stem, or a checkpoint's last two folders (runs/cpu-demo/model ->
+    cpu-demo-model); None for the default char model (bench_server.png)."""
+    if args.model:
+        return Path(args.model).stem
+    return "-".join(Path(args.checkpoint).resolve().parts[-2:]) if args.checkpoint else None
+
+
 def plot_rows(rows: list[dict], model: str | None = None):
     series = {
         mode: (
@@ -378,7 +386,7 @@ def main(argv=None) -> dict:
             f"\nstress: {stress['requests']} requests at {stress['clients']} clients -> {stress['failed']} failed, "
             f"{stress['tokens_per_s']:.1f} tokens/s, p99 {stress['p99_ms']:.0f} ms {stress['first_failure']}"
         )
-    plot = plot_rows(rows, args.model) if rows else None
+    plot = plot_rows(rows, plot_label(args)) if rows else None
     print(f"plot: {plot}")
     return {"rows": rows, "stress": stress, "plot": str(plot), "prefix_ttft": prefix}
 
