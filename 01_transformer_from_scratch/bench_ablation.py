@@ -18,6 +18,7 @@ References: Karpathy, nanoGPT (the baby budget); the papers above; Melis et al. 
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import torch
@@ -26,6 +27,7 @@ from ch01.model import GPT, GPTConfig
 from ch01.train import TrainConfig, prepare_data, train
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
+from common.data import keyed_cache_dir
 
 BASELINE = "baseline (Llama block, AdamW)"
 PIECES: dict[str, tuple[dict, dict]] = {  # name -> (GPTConfig overrides, TrainConfig overrides)
@@ -60,23 +62,38 @@ def cache_kib(cfg: GPTConfig, n_tokens: int = 1024) -> float:
 
 
 def run(name: str, pieces: dict, seed: int, iters: int, data, args) -> dict:
+    """One training run; its result is cached on disk by what determines it (a long ablation resumes where it
+    stopped, and runs split over several processes share their results)."""
     (model_over, train_over), (tok, train_ids, val_ids) = pieces[name], data
+    key = [model_over, train_over, seed, iters, args.eval_iters, torch.get_num_threads(), args.device]
+    path = keyed_cache_dir("ablation", "run", key=key) / "result.json"
+    if path.exists():
+        return json.loads(path.read_text())
     tc = TrainConfig(max_iters=iters, eval_interval=iters, eval_iters=args.eval_iters, seed=seed, device=args.device,
                      progress=False, warmup_iters=min(100, iters // 10), out_dir=None, **train_over)  # fmt: skip
     res = train(model_config(model_over, tok.vocab_size), tc, train_ids, val_ids)
-    return {"val": res["val"][-1][2], "ms": 1e3 * res["train_time_s"] / iters, "params": res["model"].num_params()}
+    out = {"val": res["val"][-1][2], "ms": 1e3 * res["train_time_s"] / iters, "params": res["model"].num_params()}
+    print(f"  {name}, seed {seed}, {iters} steps: val {out['val']:.4f}, {out['ms']:.1f} ms/step", flush=True)
+    path.write_text(json.dumps(out))
+    return out
 
 
-def combination(pieces: dict, means: dict[str, float]) -> tuple[dict, dict] | None:
-    """Every piece whose mean val loss beat the baseline's, merged into one variant (None if no piece did)."""
-    winners = [n for n in pieces if n != BASELINE and means[n] < means[BASELINE]]
-    if not winners:
+def combination(pieces: dict, means: dict[str, float]) -> tuple[str, dict, dict] | None:
+    """The pieces whose mean val loss beat the baseline's, best first, each added only if the model accepts it with
+    the ones before (e.g. QK-norm and MLA exclude each other: GPTConfig says so). (name, model and train overrides),
+    or None if no piece won."""
+    winners = sorted((n for n in pieces if n != BASELINE and means[n] < means[BASELINE]), key=means.get)
+    taken, model_over, train_over = [], {}, {}
+    for n in winners:
+        try:
+            model_config({**model_over, **pieces[n][0]}, 65)
+        except ValueError:
+            continue  # incompatible with a better piece already taken
+        taken.append(n)
+        model_over, train_over = {**model_over, **pieces[n][0]}, {**train_over, **pieces[n][1]}
+    if not taken:
         return None
-    model_over = {k: v for n in winners for k, v in pieces[n][0].items()}
-    train_over = {k: v for n in winners for k, v in pieces[n][1].items()}
-    if model_over.get("sliding_window") and model_over.get("layer_pattern"):
-        model_over.pop("sliding_window")  # the DeltaNet mixers take no window mask (a config-time error otherwise)
-    return model_over, train_over
+    return "combination: " + ", ".join(n.removeprefix("+ ").split(" (")[0] for n in taken), model_over, train_over
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
@@ -92,16 +109,21 @@ def main(argv=None) -> dict:
     p.add_argument("--equal-time", action="store_true", help="also: every variant at the baseline's training seconds")
     p.add_argument("--eval-iters", type=int, default=50, help="val batches of the final val loss (fixed, as nanoGPT)")
     p.add_argument("--cache-tokens", type=int, default=1024, help="generated tokens of the cache measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--equal-time-variants", nargs="*", default=None, help="variants of the equal-time table (all)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = prepare_data("char")
-    pieces = {n: PIECES[n] for n in dict.fromkeys([BASELINE, *args.variants])}
-    results = {n: [run(n, pieces, s, args.max_iters, data, args) for s in args.seeds] for n in pieces}
+    pieces = {n: PIECES[n] for n in PIECES if n in args.variants or n == BASELINE}  # table order: the baseline first
+    order = [*dict.fromkeys([*args.variants, BASELINE])]  # run order: the baseline last (split runs share it)
+    done = {n: [run(n, pieces, s, args.max_iters, data, args) for s in args.seeds] for n in order}
+    results = {n: done[n] for n in pieces}
     means = {n: statistics.mean(r["val"] for r in rs) for n, rs in results.items()}
     combo = None if args.no_combination else combination(pieces, means)
     if combo:
-        name = "combination: " + " ".join(n.split(" ", 1)[1].split(" (")[0] for n in pieces if n != BASELINE
-                                          and means[n] < means[BASELINE])  # fmt: skip
-        pieces[name] = combo
+        name, *overrides = combo
+        pieces[name] = tuple(overrides)
         results[name] = [run(name, pieces, s, args.max_iters, data, args) for s in args.seeds]
     vocab = data[0].vocab_size
     rows = [{"variant": n, "params": f"{rs[0]['params']:,}", "val loss": mean_std([r["val"] for r in rs], ".4f"),
@@ -116,6 +138,8 @@ def main(argv=None) -> dict:
         budget_s = statistics.mean(r["ms"] for r in results[BASELINE]) * args.max_iters / 1e3
         timed = []
         for n, rs in results.items():
+            if args.equal_time_variants is not None and n not in args.equal_time_variants and n != BASELINE:
+                continue
             iters = max(10, round(budget_s * 1e3 / statistics.mean(r["ms"] for r in rs)))
             r = run(n, pieces, args.seeds[0], iters, data, args)
             timed.append({"variant": n, "steps": iters, "val loss": r["val"], "seconds": r["ms"] * iters / 1e3})

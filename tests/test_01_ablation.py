@@ -24,9 +24,11 @@ def test_each_piece_changes_the_decode_cache_as_its_paper_says():
 def test_the_combination_merges_exactly_the_pieces_that_beat_the_baseline():
     means = {n: 1.0 for n in PIECES}
     means.update({"+ QK-norm": 0.9, "+ Muon": 0.8, "+ sliding window 32": 0.95, "+ Gated DeltaNet 3:1 (DDDA)": 0.9})
-    model_over, train_over = combination(PIECES, means)
+    name, model_over, train_over = combination(PIECES, means)
     assert model_over == {"qk_norm": True, "layer_pattern": "DDDA"}  # the window is dropped: mixers take no mask
-    assert train_over == {"optimizer": "muon"}
+    assert train_over == {"optimizer": "muon"} and name == "combination: Muon, QK-norm, Gated DeltaNet 3:1"
+    means["+ MLA (latent 32, rope 16)"] = 0.85  # MLA beats QK-norm, and the model refuses the two together
+    assert combination(PIECES, means)[1] == {"mla_kv_rank": 32, "mla_rope_dim": 16, "layer_pattern": "DDDA"}
     assert combination(PIECES, {n: 1.0 for n in PIECES}) is None
 
 
