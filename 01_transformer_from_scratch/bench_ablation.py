@@ -110,7 +110,12 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-iters", type=int, default=50, help="val batches of the final val loss (fixed, as nanoGPT)")
     p.add_argument("--cache-tokens", type=int, default=1024, help="generated tokens of the cache measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--equal-time-variants", nargs="*", default=None, help="variants of the equal-time table (all)")
+    p.add_argument(
+        "--equal-time-variants",
+        nargs="*",
+        default=None,
+        help="variants of the equal-time table (default: all; the baseline and the combination always)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +143,8 @@ def main(argv=None) -> dict:
         budget_s = statistics.mean(r["ms"] for r in results[BASELINE]) * args.max_iters / 1e3
         timed = []
         for n, rs in results.items():
-            if args.equal_time_variants is not None and n not in args.equal_time_variants and n != BASELINE:
+            chosen = args.equal_time_variants is None or n in args.equal_time_variants
+            if not (chosen or n == BASELINE or n.startswith("combination")):
                 continue
             iters = max(10, round(budget_s * 1e3 / statistics.mean(r["ms"] for r in rs)))
             r = run(n, pieces, args.seeds[0], iters, data, args)
