@@ -23,7 +23,7 @@ import statistics
 
 import torch
 
-from ch01.model import GPT, GPTConfig
+from ch01.model import GPTConfig
 from ch01.train import TrainConfig, prepare_data, train
 from common.bench import hardware_info, markdown_table
 from common.cli import base_parser
@@ -44,21 +44,13 @@ def model_config(overrides: dict, vocab_size: int) -> GPTConfig:
     return GPTConfig.preset("small", vocab_size=vocab_size, **overrides)  # 4 layers, 4 heads, 128 wide, block 64
 
 
-@torch.no_grad()
 def cache_kib(cfg: GPTConfig, n_tokens: int = 1024) -> float:
-    """The decode cache's bytes after ``n_tokens`` one-token steps (batch 1), with the cache the variant decodes with."""
-    from ch01.cache import KVCache
+    """The decode cache's KiB after ``n_tokens`` one-token steps (batch 1), in the cache the variant decodes with."""
     from ch04.sliding_window import RollingKVCache
+    from ch05.hybrid import cache_bytes_by_length
 
-    model = GPT(GPTConfig.from_dict({**cfg.to_dict(), "block_size": n_tokens + 1})).eval()
-    if cfg.sliding_window:
-        cache = RollingKVCache(cfg.n_layer, cfg.sliding_window, cfg.attn_sinks)
-    else:
-        cache = KVCache(cfg.n_layer)
-    tok = torch.zeros(1, 1, dtype=torch.long)
-    for _ in range(n_tokens):
-        model(tok, cache=cache)
-    return cache.nbytes / 1024
+    rolling = RollingKVCache(cfg.n_layer, cfg.sliding_window, cfg.attn_sinks) if cfg.sliding_window else None
+    return cache_bytes_by_length(cfg, [n_tokens], cache=rolling)[0] / 1024
 
 
 def run(name: str, pieces: dict, seed: int, iters: int, data, args) -> dict:

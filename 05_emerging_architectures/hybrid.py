@@ -29,10 +29,12 @@ from common.seed import seed_everything
 
 
 @torch.no_grad()
-def cache_bytes_by_length(cfg: GPTConfig, lengths: list[int], device="cpu") -> list[int]:
-    """cache.nbytes after decoding each of ``lengths`` tokens (1-token steps from a 1-token prompt, batch 1)."""
+def cache_bytes_by_length(cfg: GPTConfig, lengths: list[int], device="cpu", cache=None) -> list[int]:
+    """cache.nbytes after decoding each of ``lengths`` tokens (1-token steps from a 1-token prompt, batch 1), in
+    ``cache`` (default: a new ``KVCache``; e.g. chapter 04's ``RollingKVCache`` for a sliding window)."""
     model = GPT(GPTConfig.from_dict({**cfg.to_dict(), "block_size": max(lengths) + 1})).to(device).eval()
-    cache, out, tok = KVCache(cfg.n_layer), [], torch.zeros(1, 1, dtype=torch.long, device=device)
+    cache = KVCache(cfg.n_layer) if cache is None else cache
+    out, tok = [], torch.zeros(1, 1, dtype=torch.long, device=device)
     for n in range(1, max(lengths) + 1):
         model(tok, cache=cache)
         if n in lengths:

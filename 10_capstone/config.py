@@ -50,7 +50,7 @@ DEFAULTS: dict = {
         "digits": 2,  # operand digits of add / sub
         "n_train": 3000,  # training examples per task
         "n_test": 50,  # held-out examples per task (accuracy after every stage)
-        "iters": 300,
+        "iters": 450,  # cpu-demo: 300 -> 7% held-out, 450 -> 48%, 600 -> 100% (README "Measured")
         "lr": 3e-3,
         "batch_size": 16,
         "replay_rows": 4,  # + rows of pretraining text per batch (0: none; the model then forgets Shakespeare)
@@ -58,7 +58,7 @@ DEFAULTS: dict = {
     "rl": {
         "enabled": True,
         "tasks": [],  # tasks GRPO trains on (empty: all of sft.tasks)
-        "steps": 30,
+        "steps": 60,
         "prompts_per_step": 16,
         "group_size": 8,
         "max_new_tokens": 10,

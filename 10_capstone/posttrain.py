@@ -1,11 +1,11 @@
 """The capstone's post-training stages: ``sft`` (chapter 03's SFT with a ChatML template, assistant-only loss) and
 ``rl`` (chapter 03's GRPO, rewards from the task checkers) on the pretrained mini-GPT, with held-out exact-match
-accuracy per task and the Shakespeare val loss after every stage (base, SFT, GRPO). ``[sft] replay_rows`` mixes rows of
-the pretraining tokens into every SFT batch so the model does not forget Shakespeare while it learns the tasks. Each stage writes a self-contained model directory
-(``runs/<name>/sft``, ``runs/<name>/rl``: weights, config, tokenizer and its chat template) that ``minigpt.py serve``
-serves with that template. ``[sft] enabled = false`` / ``[rl] enabled = false`` skip them.
-References: Ouyang et al. 2022 (SFT); Shao et al. 2024 (GRPO).
-"""
+accuracy per task and the Shakespeare val loss after every stage (base, SFT, GRPO). ``[sft] replay_rows`` mixes rows
+of the pretraining tokens into every SFT batch, so the model does not forget Shakespeare while it learns the tasks.
+Each stage writes a self-contained model directory (``runs/<name>/sft``, ``runs/<name>/rl``: weights, config,
+tokenizer and its chat template) that ``minigpt.py serve`` serves with that template. ``[sft] enabled = false`` /
+``[rl] enabled = false`` skip them.
+References: Ouyang et al. 2022 (SFT); Shao et al. 2024 (GRPO)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ def task_split(run) -> tuple[list, list]:
     return make_suite(c["n_train"], c["n_test"], c["tasks"], seed=run.cfg["seed"], difficulty=difficulty)
 
 
-def _summary(run, model, acc: dict[str, float], loss_model=None) -> dict:
-    """Accuracy per task and their mean, plus the Shakespeare val loss of ``loss_model`` (default ``model``): what
-    post-training costs the pretraining."""
+def _summary(acc: dict[str, float], val_loss: float) -> dict:
+    """Accuracy per task and their mean, plus the Shakespeare val loss: what post-training costs the pretraining."""
     return {**{t: round(a, 4) for t, a in acc.items()}, "mean": round(sum(acc.values()) / max(len(acc), 1), 4),
-            "val_loss": round(run.val_loss(loss_model or model), 4)}  # fmt: skip
+            "val_loss": round(val_loss, 4)}  # fmt: skip
 
 
 def stage_sft(run) -> dict:
@@ -40,15 +39,17 @@ def stage_sft(run) -> dict:
         return {"skipped": "sft.enabled = false"}
     train_set, test_set = task_split(run)
     tok = ChatTokenizer(run.tokenizer())  # the run's BPE + <|im_start|> / <|im_end|> as new ids
-    model = extend_model(run.model(), tok.vocab_size)
-    base = _summary(run, model, accuracy(model, tok, test_set), loss_model=run.model())  # the eval stage's val loss
+    pretrained = run.model()
+    base_loss = run.val_loss(pretrained)  # before the new rows: the eval stage's number
+    model = extend_model(pretrained, tok.vocab_size)
+    base = _summary(accuracy(model, tok, test_set), base_loss)
     tc = TrainConfig(max_iters=c["iters"], batch_size=c["batch_size"], lr=c["lr"], min_lr=c["lr"] / 10,
                      warmup_iters=max(1, c["iters"] // 10), seed=run.cfg["seed"], device=str(run.device),
                      out_dir=None, progress=run.progress)  # fmt: skip
     res = sft(model, tok, [e.messages() for e in train_set], tc, replay=run.tokens("train"),
               replay_rows=c["replay_rows"])  # fmt: skip
     tok.save(model.save(run.dir / "sft"))
-    return {"accuracy": {"base": base, "SFT": _summary(run, model, accuracy(model, tok, test_set))},
+    return {"accuracy": {"base": base, "SFT": _summary(accuracy(model, tok, test_set), run.val_loss(model))},
             "final_train_loss": res["train_losses"][-1], "train_examples": len(train_set), "replay_rows": c["replay_rows"],
             "test_examples": len(test_set)}  # fmt: skip
 
@@ -69,7 +70,7 @@ def stage_rl(run) -> dict:
     tok.save(model.save(run.dir / "rl"))
     plot_history(history, run.dir / "grpo.png", title=f"{run.cfg['name']}: GRPO on {', '.join(rl_tasks)}")
     acc = copy.deepcopy(run.metrics["sft"]["accuracy"])
-    acc["GRPO"] = _summary(run, model, accuracy(model, tok, test_set))
+    acc["GRPO"] = _summary(accuracy(model, tok, test_set), run.val_loss(model))
     return {"accuracy": acc, "reward_first_last": [history["reward"][0], history["reward"][-1]],
             "kl_last": history["kl"][-1]}  # fmt: skip
 
